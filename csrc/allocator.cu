@@ -1,0 +1,475 @@
+// allocator.cu: the one translation unit of libellm_alloc_core.so.
+//
+// It compiles as CUDA with nvcc or as C++ with `g++ -x c++`: there is no
+// device code, and libcuda is loaded at run time (backend_cuda.h), so the
+// library loads on machines without a driver.
+//
+// This file holds the C ABI (c_api.h): pool handles, the per-device registry
+// behind torch's entry points, error reporting and fork safety. The logic
+// lives in backend_*.h, pool.h and arena.h.
+#include <pthread.h>
+#include <time.h>
+
+#include <atomic>
+#include <cstdio>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <typeinfo>
+
+#include "arena.h"
+#include "backend_cuda.h"
+#include "backend_host.h"
+#include "c_api.h"
+
+using namespace ellm;
+
+struct ellm_pool {
+  std::unique_ptr<Backend> backend;
+  std::unique_ptr<ChunkPool> pool;
+  std::unique_ptr<Arena> arena;
+  size_t budget_bytes = 0;
+};
+
+namespace {
+
+thread_local std::string t_error;
+thread_local int t_status = kOk;
+
+int fail(int status, std::string msg) {
+  t_status = status;
+  t_error = std::move(msg);
+  return status;
+}
+void clear_error() {
+  t_status = kOk;
+  t_error.clear();
+}
+
+// After fork() the child shares the parent's host-pool pages and cannot use
+// the parent's CUDA context: every entry point becomes inert there.
+std::atomic<bool> g_forked{false};
+void on_fork_child() { g_forked.store(true); }
+std::once_flag g_atfork_once;
+void install_atfork() {
+  std::call_once(g_atfork_once, [] { pthread_atfork(nullptr, nullptr, on_fork_child); });
+}
+
+std::string human(size_t b) {
+  char buf[32];
+  const char* unit[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+  double v = static_cast<double>(b);
+  int u = 0;
+  while (v >= 1024 && u < 4) v /= 1024, ++u;
+  snprintf(buf, sizeof buf, u ? "%.2f %s" : "%.0f %s", v, unit[u]);
+  return buf;
+}
+
+std::string describe_pool(ellm_pool* p) {
+  ArenaStats a = p->arena->stats();
+  ChunkPool::Snapshot s = p->pool->snapshot();
+  std::string out = "pool(" + std::string(p->backend->name()) + ":" +
+                    std::to_string(p->backend->device()) + "): budget " +
+                    human(s.budget_chunks * s.chunk_bytes) + " in " + human(s.chunk_bytes) +
+                    " chunks, " + std::to_string(s.created) + " created, " +
+                    std::to_string(s.free) + " free; arena: " + human(a.allocated_bytes) +
+                    " allocated, " + human(a.reserved_bytes) + " mapped, " +
+                    human(a.cached_bytes) + " cached; chunks by owner:";
+  for (auto& o : s.owners)
+    if (o.active) out += " " + o.name + "=" + std::to_string(o.held);
+  return out;
+}
+
+int create_pool(const char* backend, int device, size_t budget_bytes, double fraction,
+                size_t chunk_bytes, size_t va_bytes, size_t prealloc, ellm_pool** out) {
+  install_atfork();
+  auto p = std::make_unique<ellm_pool>();
+  std::string kind = backend ? backend : "";
+  if (kind == "host") {
+    auto hb = std::make_unique<HostBackend>(device);
+    if (!hb->ok()) return fail(kBackendError, std::string("memfd_create failed: ") + strerror(errno));
+    p->backend = std::move(hb);
+  } else if (kind == "cuda") {
+#if defined(ELLM_HAVE_CUDA_H)
+    auto cb = std::make_unique<CudaBackend>(device);
+    if (!cb->ok()) return fail(kUnavailable, "CUDA backend unavailable: " + cb->why());
+    p->backend = std::move(cb);
+#else
+    return fail(kUnavailable, "this build has no CUDA backend (cuda.h was not found at build time)");
+#endif
+  } else {
+    return fail(kInvalidArgument, "unknown backend '" + kind + "' (expected 'cuda' or 'host')");
+  }
+  size_t gran = p->backend->granularity();
+  if (chunk_bytes == 0) chunk_bytes = gran;
+  if (chunk_bytes % gran)
+    return fail(kInvalidArgument, "chunk size " + std::to_string(chunk_bytes) +
+                                      " is not a multiple of the granularity " + std::to_string(gran));
+  if (budget_bytes == 0) {
+    if (!(fraction > 0.0 && fraction <= 1.0))
+      return fail(kInvalidArgument, "budget fraction must be in (0, 1], got " + std::to_string(fraction));
+    size_t free_b = 0, total_b = 0;
+    if (p->backend->mem_info(&free_b, &total_b) != kOk)
+      return fail(kBackendError, "cannot read the device's free memory");
+    budget_bytes = static_cast<size_t>(static_cast<double>(free_b) * fraction);
+  }
+  if (budget_bytes < chunk_bytes)
+    return fail(kInvalidArgument, "budget " + human(budget_bytes) + " is smaller than one chunk (" +
+                                      human(chunk_bytes) + ")");
+  budget_bytes = budget_bytes / chunk_bytes * chunk_bytes;
+  if (va_bytes == 0) va_bytes = std::max<size_t>(size_t(1) << 30, 4 * budget_bytes);
+  p->budget_bytes = budget_bytes;
+  p->pool = std::make_unique<ChunkPool>(p->backend.get(), chunk_bytes, budget_bytes, prealloc);
+  p->arena = std::make_unique<Arena>(p->pool.get(), va_bytes);
+  if (!p->arena->ok()) return fail(kOutOfMemory, "cannot reserve " + human(va_bytes) + " of VA");
+  *out = p.release();
+  return kOk;
+}
+
+// ---- the torch-facing registry ----
+
+constexpr int kMaxDevices = 64;
+struct Config {
+  std::string backend = "cuda";
+  size_t budget_bytes = 0;
+  double fraction = 0.9;
+  size_t chunk_bytes = 0, va_bytes = 0, prealloc = 0;
+};
+std::mutex g_registry_mu;
+Config g_config;
+std::atomic<ellm_pool*> g_devices[kMaxDevices];
+bool g_owned[kMaxDevices];  // created by the registry (vs bound by a caller)
+std::atomic<void (*)(const char*)> g_thrower{nullptr};
+
+[[noreturn]] void default_thrower(const char* msg) { throw std::runtime_error(msg); }
+
+ellm_pool* device_pool(int device) {
+  if (device < 0 || device >= kMaxDevices) {
+    fail(kInvalidArgument, "device index " + std::to_string(device) + " out of range");
+    return nullptr;
+  }
+  ellm_pool* p = g_devices[device].load(std::memory_order_acquire);
+  if (p) return p;
+  std::lock_guard<std::mutex> g(g_registry_mu);
+  p = g_devices[device].load();
+  if (p) return p;
+  const Config& c = g_config;
+  if (create_pool(c.backend.c_str(), device, c.budget_bytes, c.fraction, c.chunk_bytes, c.va_bytes,
+                  c.prealloc, &p) != kOk)
+    return nullptr;
+  g_owned[device] = true;
+  g_devices[device].store(p, std::memory_order_release);
+  return p;
+}
+
+ellm_pool* pool_of(void* ptr) {
+  uintptr_t a = reinterpret_cast<uintptr_t>(ptr);
+  for (int d = 0; d < kMaxDevices; ++d) {
+    ellm_pool* p = g_devices[d].load(std::memory_order_acquire);
+    if (p && p->arena->contains(a)) return p;
+  }
+  return nullptr;
+}
+
+const char* status_name(int s) {
+  switch (s) {
+    case kOutOfMemory: return "out of memory";
+    case kInvalidPointer: return "pointer not owned by this allocator";
+    case kDoubleFree: return "double free (block is not live)";
+    case kBackendError: return "backend error";
+    case kInvalidArgument: return "invalid argument";
+    case kForkedChild: return "allocator used in a fork child";
+    case kInjectedFault: return "injected fault";
+    case kUnavailable: return "unavailable";
+    default: return "ok";
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+const char* ellm_last_error(void) { return t_error.c_str(); }
+int ellm_last_status(void) { return t_status; }
+
+const char* ellm_build_info(void) {
+  return
+#if defined(__CUDACC__)
+      "compiler=nvcc"
+#else
+      "compiler=c++"
+#endif
+#if defined(ELLM_HAVE_CUDA_H)
+      " backends=cuda,host";
+#else
+      " backends=host";
+#endif
+}
+
+ellm_pool* ellm_pool_create(const char* backend, int device, size_t budget_bytes,
+                            double budget_fraction, size_t chunk_bytes, size_t va_bytes,
+                            size_t prealloc_bytes) {
+  clear_error();
+  ellm_pool* p = nullptr;
+  create_pool(backend, device, budget_bytes, budget_fraction, chunk_bytes, va_bytes, prealloc_bytes, &p);
+  return p;
+}
+
+int64_t ellm_pool_destroy(ellm_pool* pool) {
+  if (!pool) return 0;
+  {
+    std::lock_guard<std::mutex> g(g_registry_mu);
+    for (int d = 0; d < kMaxDevices; ++d)
+      if (g_devices[d].load() == pool) g_devices[d].store(nullptr);
+  }
+  int64_t leaked = static_cast<int64_t>(pool->arena->teardown());
+  delete pool;
+  return leaked;
+}
+
+void* ellm_pool_malloc(ellm_pool* pool, size_t size, uintptr_t stream) {
+  if (g_forked.load(std::memory_order_relaxed)) {
+    fail(kForkedChild, "ellm_alloc cannot allocate in a forked child process");
+    return nullptr;
+  }
+  if (size == 0) return nullptr;
+  void* out = nullptr;
+  int r = pool->arena->malloc(size, stream, &out);
+  if (r != kOk) {
+    fail(r, std::string(r == kOutOfMemory ? "out of memory" : status_name(r)) +
+                ": tried to allocate " + human(size) + "; " + describe_pool(pool));
+    return nullptr;
+  }
+  return out;
+}
+
+int ellm_pool_free(ellm_pool* pool, void* ptr, uintptr_t stream) {
+  if (g_forked.load(std::memory_order_relaxed) || ptr == nullptr) return kOk;
+  int r = pool->arena->free(ptr, stream);
+  if (r != kOk) {
+    char buf[64];
+    snprintf(buf, sizeof buf, "%p", ptr);
+    return fail(r, std::string("free(") + buf + "): " + status_name(r));
+  }
+  return kOk;
+}
+
+int ellm_pool_record_stream(ellm_pool* pool, void* ptr, uintptr_t stream) {
+  int r = pool->arena->record_stream(ptr, stream);
+  return r == kOk ? kOk : fail(r, std::string("record_stream: ") + status_name(r));
+}
+
+size_t ellm_pool_empty_cache(ellm_pool* pool) { return pool->arena->empty_cache(); }
+
+void ellm_pool_stats(ellm_pool* pool, ellm_stats* out) {
+  ArenaStats a = pool->arena->stats();
+  ChunkPool::Snapshot s = pool->pool->snapshot();
+  *out = ellm_stats{a.allocated_bytes, a.allocated_peak, a.active_bytes, a.active_peak,
+                    a.reserved_bytes, a.reserved_peak, a.cached_bytes, a.va_bytes,
+                    a.num_allocs, a.num_frees, a.fast_allocs, a.chunk_maps, a.chunk_unmaps,
+                    a.chunk_moves, a.cache_flushes, a.ooms, a.invalid_frees, a.live_blocks,
+                    s.chunk_bytes, s.budget_chunks * s.chunk_bytes, s.created, s.free,
+                    s.creates, s.reclaim_calls, s.failed_acquires, s.owners.size()};
+}
+
+int ellm_pool_owner_stats(ellm_pool* pool, int owner, ellm_owner_stats* out) {
+  ChunkPool::Snapshot s = pool->pool->snapshot();
+  if (owner < 0 || owner >= static_cast<int>(s.owners.size()))
+    return fail(kInvalidArgument, "no owner " + std::to_string(owner));
+  const auto& o = s.owners[owner];
+  memset(out, 0, sizeof *out);
+  snprintf(out->name, sizeof out->name, "%s", o.name.c_str());
+  out->held_chunks = o.held;
+  out->peak_chunks = o.peak;
+  out->received = o.received;
+  out->given = o.given;
+  out->reclaimed = o.reclaimed;
+  out->active = o.active;
+  return kOk;
+}
+
+void ellm_pool_reset_peaks(ellm_pool* pool) { pool->arena->reset_peaks(); }
+
+void ellm_pool_set_budget(ellm_pool* pool, size_t budget_bytes) {
+  pool->budget_bytes = budget_bytes;
+  pool->pool->set_budget(budget_bytes);
+}
+
+int ellm_pool_validate(ellm_pool* pool, char* msg, size_t msg_len) {
+  std::string v = pool->arena->validate();
+  if (msg && msg_len) snprintf(msg, msg_len, "%s", v.c_str());
+  return v.empty() ? kOk : kInvalidArgument;
+}
+
+const char* ellm_pool_backend(ellm_pool* pool) { return pool->backend->name(); }
+int ellm_pool_device(ellm_pool* pool) { return pool->backend->device(); }
+uintptr_t ellm_pool_arena_base(ellm_pool* pool) { return pool->arena->base(); }
+
+int ellm_pool_register_owner(ellm_pool* pool, const char* name, ellm_reclaim_fn fn, void* ctx) {
+  return pool->pool->register_owner(name, fn, ctx);
+}
+int ellm_pool_unregister_owner(ellm_pool* pool, int owner) {
+  int r = pool->pool->unregister_owner(owner);
+  return r == kOk ? kOk : fail(r, "owner still holds chunks; release them first");
+}
+int ellm_pool_acquire(ellm_pool* pool, int owner, size_t n, uint32_t* ids) {
+  int r = pool->pool->acquire(owner, n, ids);
+  return r == kOk ? kOk
+                  : fail(r, "out of memory: cannot acquire " + std::to_string(n) + " chunks; " +
+                                describe_pool(pool));
+}
+void ellm_pool_release(ellm_pool* pool, int owner, size_t n, const uint32_t* ids) {
+  pool->pool->release(owner, n, ids);
+}
+uint64_t ellm_pool_chunk_handle(ellm_pool* pool, uint32_t id) { return pool->pool->handle(id); }
+
+static HostBackend* host_of(ellm_pool* pool) {
+  return dynamic_cast<HostBackend*>(pool->backend.get());
+}
+int ellm_host_hold_stream(ellm_pool* pool, uintptr_t stream) {
+  HostBackend* h = host_of(pool);
+  if (!h) return fail(kInvalidArgument, "not a host pool");
+  h->hold_stream(stream);
+  return kOk;
+}
+int ellm_host_release_stream(ellm_pool* pool, uintptr_t stream) {
+  HostBackend* h = host_of(pool);
+  if (!h) return fail(kInvalidArgument, "not a host pool");
+  h->release_stream(stream);
+  return kOk;
+}
+int ellm_host_inject_fault(ellm_pool* pool, int kind, int64_t nth) {
+  HostBackend* h = host_of(pool);
+  if (!h) return fail(kInvalidArgument, "not a host pool");
+  if (kind != 0 && kind != 1) return fail(kInvalidArgument, "fault kind must be 0 (create) or 1 (map)");
+  h->inject_fault(kind, nth);
+  return kOk;
+}
+
+int ellm_configure(const char* backend, size_t budget_bytes, double budget_fraction,
+                   size_t chunk_bytes, size_t va_bytes, size_t prealloc_bytes) {
+  std::lock_guard<std::mutex> g(g_registry_mu);
+  g_config = Config{backend ? backend : "cuda", budget_bytes, budget_fraction, chunk_bytes, va_bytes,
+                    prealloc_bytes};
+  return kOk;
+}
+
+int ellm_bind_device(int device, ellm_pool* pool) {
+  if (device < 0 || device >= kMaxDevices) return fail(kInvalidArgument, "device out of range");
+  std::lock_guard<std::mutex> g(g_registry_mu);
+  ellm_pool* old = g_devices[device].load();
+  if (old && g_owned[device] && pool != old)
+    return fail(kInvalidArgument, "device already has a pool created by the allocator");
+  g_owned[device] = false;
+  g_devices[device].store(pool, std::memory_order_release);
+  return kOk;
+}
+
+ellm_pool* ellm_device_pool(int device) {
+  clear_error();
+  return device_pool(device);
+}
+
+void ellm_set_oom_thrower(void (*thrower)(const char*)) { g_thrower.store(thrower); }
+void ellm_set_default_thrower(void) { g_thrower.store(&default_thrower); }
+
+int ellm_probe_thrower(const char* msg, char* out, size_t out_len) {
+  void (*thrower)(const char*) = g_thrower.load();
+  if (!thrower) return 0;
+  try {
+    thrower(msg);
+  } catch (const std::exception& e) {
+    snprintf(out, out_len, "%s: %s", typeid(e).name(), e.what());
+    return 1;
+  } catch (...) {
+    snprintf(out, out_len, "non-std exception");
+    return 1;
+  }
+  return 0;
+}
+
+// torch: void* malloc(ssize_t size, int device, cudaStream_t stream).
+// Never NULL for a non-zero size: torch does not check. With a thrower
+// installed (enable() installs one) a failure throws; without one (tests
+// calling through ctypes) it returns NULL and sets ellm_last_error().
+void* ellm_malloc(ssize_t size, int device, void* stream) {
+  if (size <= 0) return nullptr;
+  ellm_pool* p = device_pool(device);
+  void* out = p ? ellm_pool_malloc(p, static_cast<size_t>(size), reinterpret_cast<uintptr_t>(stream))
+                : nullptr;
+  if (!out) {
+    void (*thrower)(const char*) = g_thrower.load();
+    if (thrower) {
+      std::string msg = "CUDA " + t_error;  // "CUDA out of memory: ..." like torch's own message
+      thrower(msg.c_str());
+    }
+  }
+  return out;
+}
+
+// torch: void free(void* ptr, ssize_t size, int device, cudaStream_t stream).
+// Must not throw (torch calls it from destructors): errors are reported on
+// stderr and in ellm_last_error(), and counted in the stats.
+void ellm_free(void* ptr, ssize_t size, int device, void* stream) {
+  (void)size;
+  if (!ptr || g_forked.load(std::memory_order_relaxed)) return;
+  ellm_pool* p = (device >= 0 && device < kMaxDevices) ? g_devices[device].load(std::memory_order_acquire)
+                                                       : nullptr;
+  if (!p) p = pool_of(ptr);
+  if (!p) {
+    fail(kInvalidPointer, "ellm_free: no pool owns this pointer");
+    fprintf(stderr, "ellm_alloc: free(%p) on device %d: no pool owns this pointer\n", ptr, device);
+    return;
+  }
+  if (ellm_pool_free(p, ptr, reinterpret_cast<uintptr_t>(stream)) != kOk && g_thrower.load())
+    fprintf(stderr, "ellm_alloc: %s\n", t_error.c_str());
+}
+
+void ellm_init(int device) { device_pool(device); }
+
+void ellm_reset(void) {
+  for (int d = 0; d < kMaxDevices; ++d) {
+    ellm_pool* p = g_devices[d].load(std::memory_order_acquire);
+    if (p) {
+      p->arena->empty_cache();
+      p->pool->trim(0);
+    }
+  }
+}
+
+void ellm_memory_fraction(double fraction, int device) {
+  ellm_pool* p = device_pool(device);
+  if (!p || !(fraction > 0.0 && fraction <= 1.0)) return;
+  size_t free_b = 0, total_b = 0;
+  if (p->backend->mem_info(&free_b, &total_b) == kOk)
+    ellm_pool_set_budget(p, static_cast<size_t>(static_cast<double>(total_b) * fraction));
+}
+
+void ellm_record_stream(void* ptr, void* stream) {
+  ellm_pool* p = pool_of(ptr);
+  if (p) ellm_pool_record_stream(p, ptr, reinterpret_cast<uintptr_t>(stream));
+}
+
+double ellm_bench_pairs(ellm_pool* pool, const size_t* sizes, size_t n, size_t iters, int use_glibc) {
+  std::vector<void*> ptrs(n);
+  auto round = [&] {
+    if (use_glibc) {
+      for (size_t i = 0; i < n; ++i) ptrs[i] = ::malloc(sizes[i]);
+      for (size_t i = n; i-- > 0;) ::free(ptrs[i]);
+    } else {
+      for (size_t i = 0; i < n; ++i) pool->arena->malloc(sizes[i], 0, &ptrs[i]);
+      for (size_t i = n; i-- > 0;) pool->arena->free(ptrs[i], 0);
+    }
+  };
+  round();  // warm-up: fills the caches / glibc's bins
+  timespec t0, t1;
+  clock_gettime(CLOCK_MONOTONIC, &t0);
+  for (size_t it = 0; it < iters; ++it) round();
+  clock_gettime(CLOCK_MONOTONIC, &t1);
+  double ns = (t1.tv_sec - t0.tv_sec) * 1e9 + (t1.tv_nsec - t0.tv_nsec);
+  return ns / static_cast<double>(iters * n);
+}
+
+}  // extern "C"

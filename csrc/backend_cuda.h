@@ -1,0 +1,269 @@
+// backend_cuda.h: the CUDA driver VMM backend.
+//
+// libcuda.so.1 is opened with dlopen and every entry point is resolved with
+// cuGetProcAddress, so the library links nothing from CUDA and loads on
+// machines without a driver (the host backend still works there). This file
+// stays thin on purpose: all decisions live in the pool and the arena, which
+// the host backend exercises on every machine.
+//
+// Compiled only when cuda.h is available at build time (ELLM_HAVE_CUDA_H).
+#pragma once
+
+#if defined(ELLM_HAVE_CUDA_H)
+
+#include <cuda.h>
+#include <dlfcn.h>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "backend.h"
+
+namespace ellm {
+
+// Entry points, typed from cuda.h itself.
+struct CudaDriver {
+#define ELLM_CU_FN(name) decltype(&::name) name = nullptr;
+  ELLM_CU_FN(cuInit)
+  ELLM_CU_FN(cuDeviceGet)
+  ELLM_CU_FN(cuDevicePrimaryCtxRetain)
+  ELLM_CU_FN(cuCtxGetCurrent)
+  ELLM_CU_FN(cuCtxSetCurrent)
+  ELLM_CU_FN(cuMemGetAllocationGranularity)
+  ELLM_CU_FN(cuMemAddressReserve)
+  ELLM_CU_FN(cuMemAddressFree)
+  ELLM_CU_FN(cuMemCreate)
+  ELLM_CU_FN(cuMemRelease)
+  ELLM_CU_FN(cuMemMap)
+  ELLM_CU_FN(cuMemUnmap)
+  ELLM_CU_FN(cuMemSetAccess)
+  ELLM_CU_FN(cuMemGetInfo)
+  ELLM_CU_FN(cuMemcpyDtoHAsync)
+  ELLM_CU_FN(cuMemcpyHtoDAsync)
+  ELLM_CU_FN(cuStreamSynchronize)
+  ELLM_CU_FN(cuEventCreate)
+  ELLM_CU_FN(cuEventRecord)
+  ELLM_CU_FN(cuEventQuery)
+  ELLM_CU_FN(cuEventSynchronize)
+  ELLM_CU_FN(cuEventDestroy)
+  ELLM_CU_FN(cuGetErrorString)
+#undef ELLM_CU_FN
+
+  std::string error;  // why loading failed, empty when it worked
+
+  // Loads the driver once per process. Returns nullptr (with `error` set in
+  // the returned-on-failure static) when there is no usable driver.
+  static CudaDriver* get(std::string* why) {
+    static CudaDriver drv;
+    static std::once_flag once;
+    std::call_once(once, [] { drv.load(); });
+    if (!drv.error.empty()) {
+      *why = drv.error;
+      return nullptr;
+    }
+    return &drv;
+  }
+
+ private:
+  void load() {
+    void* lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+    if (!lib) {
+      error = std::string("cannot load libcuda.so.1 (no NVIDIA driver?): ") + dlerror();
+      return;
+    }
+    using GetProc = CUresult (*)(const char*, void**, int, cuuint64_t, CUdriverProcAddressQueryResult*);
+    auto get_proc = reinterpret_cast<GetProc>(dlsym(lib, "cuGetProcAddress_v2"));
+    if (!get_proc) {
+      error = "libcuda.so.1 has no cuGetProcAddress_v2 (driver older than CUDA 12)";
+      return;
+    }
+    // Ask for the CUDA 12.0 ABI of each symbol: the VMM and event calls we use
+    // have kept that signature, and every driver since 12.0 provides it.
+    bool ok = true;
+    auto resolve = [&](const char* sym, void** fn) {
+      CUdriverProcAddressQueryResult q;
+      if (get_proc(sym, fn, 12000, CU_GET_PROC_ADDRESS_DEFAULT, &q) != CUDA_SUCCESS || !*fn) {
+        error += std::string(error.empty() ? "" : ", ") + sym;
+        ok = false;
+      }
+    };
+#define ELLM_CU_RESOLVE(name) resolve(#name, reinterpret_cast<void**>(&name));
+    ELLM_CU_RESOLVE(cuInit)
+    ELLM_CU_RESOLVE(cuDeviceGet)
+    ELLM_CU_RESOLVE(cuDevicePrimaryCtxRetain)
+    ELLM_CU_RESOLVE(cuCtxGetCurrent)
+    ELLM_CU_RESOLVE(cuCtxSetCurrent)
+    ELLM_CU_RESOLVE(cuMemGetAllocationGranularity)
+    ELLM_CU_RESOLVE(cuMemAddressReserve)
+    ELLM_CU_RESOLVE(cuMemAddressFree)
+    ELLM_CU_RESOLVE(cuMemCreate)
+    ELLM_CU_RESOLVE(cuMemRelease)
+    ELLM_CU_RESOLVE(cuMemMap)
+    ELLM_CU_RESOLVE(cuMemUnmap)
+    ELLM_CU_RESOLVE(cuMemSetAccess)
+    ELLM_CU_RESOLVE(cuMemGetInfo)
+    ELLM_CU_RESOLVE(cuMemcpyDtoHAsync)
+    ELLM_CU_RESOLVE(cuMemcpyHtoDAsync)
+    ELLM_CU_RESOLVE(cuStreamSynchronize)
+    ELLM_CU_RESOLVE(cuEventCreate)
+    ELLM_CU_RESOLVE(cuEventRecord)
+    ELLM_CU_RESOLVE(cuEventQuery)
+    ELLM_CU_RESOLVE(cuEventSynchronize)
+    ELLM_CU_RESOLVE(cuEventDestroy)
+    ELLM_CU_RESOLVE(cuGetErrorString)
+#undef ELLM_CU_RESOLVE
+    if (!ok) {
+      error = "libcuda.so.1 lacks: " + error;
+      return;
+    }
+    if (cuInit(0) != CUDA_SUCCESS) error = "cuInit failed: no usable CUDA device";
+  }
+};
+
+class CudaBackend final : public Backend {
+ public:
+  // Fails (ok() == false, why() set) when there is no driver or device.
+  explicit CudaBackend(int device) : device_(device) {
+    drv_ = CudaDriver::get(&why_);
+    if (!drv_) return;
+    CUdevice dev;
+    if (!check(drv_->cuDeviceGet(&dev, device), "cuDeviceGet")) return;
+    if (!check(drv_->cuDevicePrimaryCtxRetain(&ctx_, dev), "cuDevicePrimaryCtxRetain")) return;
+    prop_.type = CU_MEM_ALLOCATION_TYPE_PINNED;
+    prop_.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+    prop_.location.id = device;
+    size_t g = 0;
+    if (!check(drv_->cuMemGetAllocationGranularity(&g, &prop_, CU_MEM_ALLOC_GRANULARITY_MINIMUM),
+               "cuMemGetAllocationGranularity"))
+      return;
+    granularity_ = g;
+    access_.location = prop_.location;
+    access_.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+    ok_ = true;
+  }
+  ~CudaBackend() override {
+    if (!ok_) return;
+    for (CUevent e : idle_events_) drv_->cuEventDestroy(e);
+  }
+  bool ok() const { return ok_; }
+  const std::string& why() const { return why_; }
+
+  const char* name() const override { return "cuda"; }
+  int device() const override { return device_; }
+  size_t granularity() const override { return granularity_; }
+
+  int reserve(size_t bytes, uintptr_t* va) override {
+    CUdeviceptr p = 0;
+    if (!check(drv_->cuMemAddressReserve(&p, bytes, granularity_, 0, 0), "cuMemAddressReserve"))
+      return kOutOfMemory;
+    *va = static_cast<uintptr_t>(p);
+    return kOk;
+  }
+  void release(uintptr_t va, size_t bytes) override {
+    drv_->cuMemAddressFree(static_cast<CUdeviceptr>(va), bytes);
+  }
+  int create_chunk(size_t bytes, ChunkHandle* out) override {
+    CUmemGenericAllocationHandle h;
+    CUresult r = drv_->cuMemCreate(&h, bytes, &prop_, 0);
+    if (r == CUDA_ERROR_OUT_OF_MEMORY) return kOutOfMemory;
+    if (!check(r, "cuMemCreate")) return kBackendError;
+    *out = static_cast<ChunkHandle>(h);
+    return kOk;
+  }
+  void destroy_chunk(ChunkHandle h, size_t) override {
+    drv_->cuMemRelease(static_cast<CUmemGenericAllocationHandle>(h));
+  }
+  int map(uintptr_t va, size_t bytes, ChunkHandle h) override {
+    return check(drv_->cuMemMap(static_cast<CUdeviceptr>(va), bytes, 0,
+                                static_cast<CUmemGenericAllocationHandle>(h), 0),
+                 "cuMemMap")
+               ? kOk
+               : kBackendError;
+  }
+  int set_access(uintptr_t va, size_t bytes) override {
+    return check(drv_->cuMemSetAccess(static_cast<CUdeviceptr>(va), bytes, &access_, 1),
+                 "cuMemSetAccess")
+               ? kOk
+               : kBackendError;
+  }
+  int unmap(uintptr_t va, size_t bytes) override {
+    return check(drv_->cuMemUnmap(static_cast<CUdeviceptr>(va), bytes), "cuMemUnmap") ? kOk
+                                                                                     : kBackendError;
+  }
+  int copy_to_host(void* dst, uintptr_t src, size_t bytes, StreamId stream) override {
+    bind();
+    return check(drv_->cuMemcpyDtoHAsync(dst, static_cast<CUdeviceptr>(src), bytes,
+                                         reinterpret_cast<CUstream>(stream)),
+                 "cuMemcpyDtoHAsync")
+               ? kOk
+               : kBackendError;
+  }
+  int copy_from_host(uintptr_t dst, const void* src, size_t bytes, StreamId stream) override {
+    bind();
+    return check(drv_->cuMemcpyHtoDAsync(static_cast<CUdeviceptr>(dst), src, bytes,
+                                         reinterpret_cast<CUstream>(stream)),
+                 "cuMemcpyHtoDAsync")
+               ? kOk
+               : kBackendError;
+  }
+  int mem_info(size_t* free_bytes, size_t* total_bytes) override {
+    bind();
+    return check(drv_->cuMemGetInfo(free_bytes, total_bytes), "cuMemGetInfo") ? kOk : kBackendError;
+  }
+
+  int event_record(StreamId stream, EventHandle* out) override {
+    bind();
+    CUevent e = nullptr;
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      if (!idle_events_.empty()) {
+        e = idle_events_.back();
+        idle_events_.pop_back();
+      }
+    }
+    if (!e && !check(drv_->cuEventCreate(&e, CU_EVENT_DISABLE_TIMING), "cuEventCreate"))
+      return kBackendError;
+    if (!check(drv_->cuEventRecord(e, reinterpret_cast<CUstream>(stream)), "cuEventRecord"))
+      return kBackendError;
+    *out = reinterpret_cast<EventHandle>(e);
+    return kOk;
+  }
+  bool event_done(EventHandle e) override {
+    return drv_->cuEventQuery(reinterpret_cast<CUevent>(e)) != CUDA_ERROR_NOT_READY;
+  }
+  void event_wait(EventHandle e) override { drv_->cuEventSynchronize(reinterpret_cast<CUevent>(e)); }
+  void event_destroy(EventHandle e) override {
+    std::lock_guard<std::mutex> g(mu_);
+    idle_events_.push_back(reinterpret_cast<CUevent>(e));
+  }
+
+ private:
+  // Events and copies need a current context; torch's callers normally have
+  // one, background callers (reclaim from another thread) may not.
+  void bind() {
+    CUcontext cur = nullptr;
+    if (drv_->cuCtxGetCurrent(&cur) == CUDA_SUCCESS && cur == nullptr) drv_->cuCtxSetCurrent(ctx_);
+  }
+  bool check(CUresult r, const char* what) {
+    if (r == CUDA_SUCCESS) return true;
+    const char* s = nullptr;
+    if (drv_ && drv_->cuGetErrorString) drv_->cuGetErrorString(r, &s);
+    why_ = std::string(what) + ": " + (s ? s : "unknown CUDA error");
+    return false;
+  }
+
+  int device_;
+  bool ok_ = false;
+  std::string why_;
+  CudaDriver* drv_ = nullptr;
+  CUcontext ctx_ = nullptr;
+  CUmemAllocationProp prop_ = {};
+  CUmemAccessDesc access_ = {};
+  size_t granularity_ = 0;
+  std::mutex mu_;
+  std::vector<CUevent> idle_events_;
+};
+
+}  // namespace ellm
+
+#endif  // ELLM_HAVE_CUDA_H

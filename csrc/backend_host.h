@@ -1,0 +1,205 @@
+// backend_host.h: the host backend. A memfd file plays the device's physical
+// memory and a chunk is an offset in it; reserving VA is mmap(PROT_NONE,
+// MAP_NORESERVE); mapping is mmap(MAP_FIXED|MAP_SHARED) of the chunk's offset;
+// unmapping puts PROT_NONE back. Addresses are real, so tests read and write
+// through them, and touching unmapped VA faults as it does on a GPU.
+//
+// Streams are simulated: an event recorded on a stream is complete at once,
+// unless a test has "held" that stream (GPU work still in flight). A wait on
+// an event of a held stream completes the stream up to that event, which is
+// what a real host-side wait does. This lets tests check that nothing is
+// reused or unmapped while the (simulated) GPU may still touch it.
+//
+// Stricter than the driver on purpose: mapping a VA that is mapped, or a chunk
+// that is mapped elsewhere, fails. The ledger above must never ask for either.
+#pragma once
+
+#include <sys/mman.h>
+#include <sys/sysinfo.h>
+#include <unistd.h>
+#include <fcntl.h>
+#include <cerrno>
+#include <cstring>
+#include <mutex>
+#include <unordered_map>
+#include <vector>
+
+#include "backend.h"
+
+namespace ellm {
+
+class HostBackend final : public Backend {
+ public:
+  static constexpr size_t kGranularity = 2u << 20;  // what the CUDA driver reports
+
+  explicit HostBackend(int device) : device_(device) {
+    fd_ = memfd_create("ellm_alloc_pool", MFD_CLOEXEC);
+  }
+  ~HostBackend() override {
+    if (fd_ >= 0) close(fd_);
+  }
+  bool ok() const { return fd_ >= 0; }
+
+  const char* name() const override { return "host"; }
+  int device() const override { return device_; }
+  size_t granularity() const override { return kGranularity; }
+
+  int reserve(size_t bytes, uintptr_t* va) override {
+    void* p = mmap(nullptr, bytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) return kOutOfMemory;
+    *va = reinterpret_cast<uintptr_t>(p);
+    return kOk;
+  }
+  void release(uintptr_t va, size_t bytes) override {
+    munmap(reinterpret_cast<void*>(va), bytes);
+  }
+
+  int create_chunk(size_t bytes, ChunkHandle* out) override {
+    std::lock_guard<std::mutex> g(mu_);
+    if (fire(&fail_create_countdown_)) return kInjectedFault;
+    ChunkHandle off;
+    auto it = free_offsets_.find(bytes);
+    if (it != free_offsets_.end() && !it->second.empty()) {
+      off = it->second.back();
+      it->second.pop_back();
+    } else {
+      off = file_bytes_;
+      if (ftruncate(fd_, static_cast<off_t>(file_bytes_ + bytes)) != 0) return kOutOfMemory;
+      file_bytes_ += bytes;
+    }
+    *out = off;
+    return kOk;
+  }
+  void destroy_chunk(ChunkHandle h, size_t bytes) override {
+    std::lock_guard<std::mutex> g(mu_);
+    // Give the memory back to the kernel but keep the offset for reuse.
+    fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(h),
+              static_cast<off_t>(bytes));
+    free_offsets_[bytes].push_back(h);
+  }
+
+  int map(uintptr_t va, size_t bytes, ChunkHandle h) override {
+    std::lock_guard<std::mutex> g(mu_);
+    if (fire(&fail_map_countdown_)) return kInjectedFault;
+    if (mapped_va_.count(va) || mapped_handle_.count(h)) return kBackendError;  // double map
+    void* p = mmap(reinterpret_cast<void*>(va), bytes, PROT_NONE, MAP_FIXED | MAP_SHARED, fd_,
+                   static_cast<off_t>(h));
+    if (p == MAP_FAILED) return kBackendError;
+    mapped_va_[va] = h;
+    mapped_handle_[h] = va;
+    return kOk;
+  }
+  int set_access(uintptr_t va, size_t bytes) override {
+    return mprotect(reinterpret_cast<void*>(va), bytes, PROT_READ | PROT_WRITE) == 0 ? kOk
+                                                                                    : kBackendError;
+  }
+  int unmap(uintptr_t va, size_t bytes) override {
+    std::lock_guard<std::mutex> g(mu_);
+    auto it = mapped_va_.find(va);
+    if (it == mapped_va_.end()) return kBackendError;
+    void* p = mmap(reinterpret_cast<void*>(va), bytes, PROT_NONE,
+                   MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) return kBackendError;
+    mapped_handle_.erase(it->second);
+    mapped_va_.erase(it);
+    return kOk;
+  }
+
+  int copy_to_host(void* dst, uintptr_t src, size_t bytes, StreamId) override {
+    std::memcpy(dst, reinterpret_cast<const void*>(src), bytes);
+    return kOk;
+  }
+  int copy_from_host(uintptr_t dst, const void* src, size_t bytes, StreamId) override {
+    std::memcpy(reinterpret_cast<void*>(dst), src, bytes);
+    return kOk;
+  }
+
+  int mem_info(size_t* free_bytes, size_t* total_bytes) override {
+    struct sysinfo si;
+    if (sysinfo(&si) != 0) return kBackendError;
+    *total_bytes = static_cast<size_t>(si.totalram) * si.mem_unit;
+    *free_bytes = static_cast<size_t>(si.freeram + si.bufferram) * si.mem_unit;
+    return kOk;
+  }
+
+  // Simulated stream timeline.
+  int event_record(StreamId stream, EventHandle* out) override {
+    std::lock_guard<std::mutex> g(mu_);
+    StreamClock& c = clocks_[stream];
+    uint64_t seq = ++c.recorded;
+    if (!c.held) c.completed = seq;
+    if (free_events_.empty()) {
+      events_.push_back({stream, seq});
+      *out = events_.size();  // 1-based index
+    } else {
+      *out = free_events_.back();
+      free_events_.pop_back();
+      events_[*out - 1] = {stream, seq};
+    }
+    return kOk;
+  }
+  bool event_done(EventHandle e) override {
+    std::lock_guard<std::mutex> g(mu_);
+    const HostEvent& ev = events_[e - 1];
+    return clocks_[ev.stream].completed >= ev.seq;
+  }
+  void event_wait(EventHandle e) override {
+    std::lock_guard<std::mutex> g(mu_);
+    const HostEvent& ev = events_[e - 1];
+    StreamClock& c = clocks_[ev.stream];
+    if (c.completed < ev.seq) c.completed = ev.seq;
+  }
+  void event_destroy(EventHandle e) override {
+    std::lock_guard<std::mutex> g(mu_);
+    free_events_.push_back(e);
+  }
+
+  // Test controls.
+  void hold_stream(StreamId s) {
+    std::lock_guard<std::mutex> g(mu_);
+    clocks_[s].held = true;
+  }
+  void release_stream(StreamId s) {
+    std::lock_guard<std::mutex> g(mu_);
+    StreamClock& c = clocks_[s];
+    c.held = false;
+    c.completed = c.recorded;
+  }
+  // The nth next create / map call fails (1 = the very next); 0 disarms.
+  void inject_fault(int kind, int64_t nth) {
+    std::lock_guard<std::mutex> g(mu_);
+    (kind == 0 ? fail_create_countdown_ : fail_map_countdown_) = nth;
+  }
+  size_t mapped_count() {
+    std::lock_guard<std::mutex> g(mu_);
+    return mapped_va_.size();
+  }
+
+ private:
+  struct StreamClock {
+    uint64_t recorded = 0, completed = 0;
+    bool held = false;
+  };
+  struct HostEvent {
+    StreamId stream;
+    uint64_t seq;
+  };
+  static bool fire(int64_t* countdown) {
+    if (*countdown <= 0) return false;
+    return --*countdown == 0;
+  }
+
+  int device_;
+  int fd_ = -1;
+  std::mutex mu_;
+  size_t file_bytes_ = 0;
+  std::unordered_map<size_t, std::vector<ChunkHandle>> free_offsets_;
+  std::unordered_map<uintptr_t, ChunkHandle> mapped_va_;
+  std::unordered_map<ChunkHandle, uintptr_t> mapped_handle_;
+  std::unordered_map<StreamId, StreamClock> clocks_;
+  std::vector<HostEvent> events_;
+  std::vector<EventHandle> free_events_;
+  int64_t fail_create_countdown_ = 0, fail_map_countdown_ = 0;
+};
+
+}  // namespace ellm

@@ -1,0 +1,121 @@
+// c_api.h: the C ABI of libellm_alloc_core.so.
+//
+// Two audiences:
+//  * torch: ellm_malloc / ellm_free and the optional hooks, installed through
+//    torch.cuda.memory.CUDAPluggableAllocator. They route by device to the
+//    pool bound to that device (created on first use from ellm_configure()).
+//  * everyone else (Python via ctypes, the KV manager, tests, benchmarks):
+//    explicit ellm_pool handles. Calls return a status (0 = ok) and leave a
+//    message for ellm_last_error() in the calling thread.
+#pragma once
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+// The library is built with hidden visibility; this ABI is what it exports.
+#pragma GCC visibility push(default)
+
+typedef struct ellm_pool ellm_pool;  // one device: backend + chunk pool + torch arena
+typedef size_t (*ellm_reclaim_fn)(void* ctx, size_t want);
+
+typedef struct {
+  uint64_t allocated_bytes, allocated_peak;
+  uint64_t active_bytes, active_peak;
+  uint64_t reserved_bytes, reserved_peak;
+  uint64_t cached_bytes, va_bytes;
+  uint64_t num_allocs, num_frees, fast_allocs;
+  uint64_t chunk_maps, chunk_unmaps, chunk_moves;
+  uint64_t cache_flushes, ooms, invalid_frees, live_blocks;
+  // pool
+  uint64_t chunk_bytes, budget_bytes, created_chunks, free_chunks;
+  uint64_t chunk_creates, reclaim_calls, failed_acquires, num_owners;
+} ellm_stats;
+
+typedef struct {
+  char name[64];
+  uint64_t held_chunks, peak_chunks, received, given, reclaimed;
+  int32_t active;
+} ellm_owner_stats;
+
+// ---- errors ----
+const char* ellm_last_error(void);
+int ellm_last_status(void);
+const char* ellm_build_info(void);  // compiler, backends compiled in
+
+// ---- pools ----
+// backend: "cuda" or "host". budget_bytes > 0 wins over budget_fraction
+// (a fraction of the device's free memory now). chunk_bytes 0 = granularity.
+// va_bytes 0 = 4 x budget (at least 1 GiB). prealloc: chunks created up front.
+ellm_pool* ellm_pool_create(const char* backend, int device, size_t budget_bytes,
+                            double budget_fraction, size_t chunk_bytes, size_t va_bytes,
+                            size_t prealloc_bytes);
+// Returns the number of live blocks that were leaked (0 on a clean teardown).
+int64_t ellm_pool_destroy(ellm_pool* pool);
+
+void* ellm_pool_malloc(ellm_pool* pool, size_t size, uintptr_t stream);  // NULL + error on failure
+int ellm_pool_free(ellm_pool* pool, void* ptr, uintptr_t stream);
+int ellm_pool_record_stream(ellm_pool* pool, void* ptr, uintptr_t stream);
+size_t ellm_pool_empty_cache(ellm_pool* pool);
+void ellm_pool_stats(ellm_pool* pool, ellm_stats* out);
+int ellm_pool_owner_stats(ellm_pool* pool, int owner, ellm_owner_stats* out);
+void ellm_pool_reset_peaks(ellm_pool* pool);
+void ellm_pool_set_budget(ellm_pool* pool, size_t budget_bytes);
+// Writes "" when every invariant holds, else the first violation.
+int ellm_pool_validate(ellm_pool* pool, char* msg, size_t msg_len);
+const char* ellm_pool_backend(ellm_pool* pool);
+int ellm_pool_device(ellm_pool* pool);
+uintptr_t ellm_pool_arena_base(ellm_pool* pool);
+
+// ---- other owners of chunks (KV spaces) ----
+int ellm_pool_register_owner(ellm_pool* pool, const char* name, ellm_reclaim_fn fn, void* ctx);
+int ellm_pool_unregister_owner(ellm_pool* pool, int owner);
+int ellm_pool_acquire(ellm_pool* pool, int owner, size_t n, uint32_t* ids);
+void ellm_pool_release(ellm_pool* pool, int owner, size_t n, const uint32_t* ids);
+uint64_t ellm_pool_chunk_handle(ellm_pool* pool, uint32_t id);
+
+// ---- host backend test controls ----
+int ellm_host_hold_stream(ellm_pool* pool, uintptr_t stream);
+int ellm_host_release_stream(ellm_pool* pool, uintptr_t stream);
+// kind 0 = chunk create, 1 = map; the nth next such call fails; 0 disarms.
+int ellm_host_inject_fault(ellm_pool* pool, int kind, int64_t nth);
+
+// ---- the torch allocator ----
+// Settings for pools created on demand by the torch entry points.
+int ellm_configure(const char* backend, size_t budget_bytes, double budget_fraction,
+                   size_t chunk_bytes, size_t va_bytes, size_t prealloc_bytes);
+// Routes the torch entry points for `device` to an existing pool (tests use
+// this with host pools). NULL unbinds.
+int ellm_bind_device(int device, ellm_pool* pool);
+ellm_pool* ellm_device_pool(int device);  // creates it from the configuration if needed
+// How torch-facing calls report out-of-memory: thrower(msg) must not return
+// (it throws a C++ exception torch understands). NULL = return NULL and set
+// ellm_last_error(), for callers that check.
+void ellm_set_oom_thrower(void (*thrower)(const char* msg));
+void ellm_set_default_thrower(void);  // std::runtime_error("... out of memory ...")
+// Calls the installed thrower with `msg` and catches what it throws; writes
+// the exception's type name and message to `out`. Returns 1 if it threw.
+// enable() uses it to check a freshly built torch shim before relying on it.
+int ellm_probe_thrower(const char* msg, char* out, size_t out_len);
+
+void* ellm_malloc(ssize_t size, int device, void* stream);
+void ellm_free(void* ptr, ssize_t size, int device, void* stream);
+void ellm_init(int device);
+void ellm_reset(void);
+void ellm_memory_fraction(double fraction, int device);
+void ellm_record_stream(void* ptr, void* stream);
+
+// ---- benchmark support ----
+// Allocates sizes[0..n) (all live together, like one layer's tensors), then
+// frees them in reverse; repeats `iters` times after one warm-up round.
+// Returns ns per malloc/free pair, through the arena (use_glibc = 0) or
+// glibc malloc/free (1), timed inside C so no binding overhead is counted.
+double ellm_bench_pairs(ellm_pool* pool, const size_t* sizes, size_t n, size_t iters, int use_glibc);
+
+#pragma GCC visibility pop
+#ifdef __cplusplus
+}
+#endif

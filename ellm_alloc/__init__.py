@@ -1,0 +1,37 @@
+"""ellm_alloc: elastic GPU memory for PyTorch LLM inference.
+
+    import ellm_alloc
+    ellm_alloc.enable()          # every torch CUDA tensor now comes from the chunk pool
+
+On a machine without a GPU, `ellm_alloc.Pool(device="cpu", budget="1GiB")` gives
+the same pool and arena over host memory.
+"""
+from .config import parse_budget, parse_size
+from .errors import AllocatorError, EnableError, OutOfMemoryError
+from .integrations.torch_allocator import (
+    device_pool,
+    empty_cache,
+    enable,
+    enabled,
+    memory_stats,
+    memory_summary,
+    reset_peak_memory_stats,
+)
+from .pool import Pool
+
+__all__ = [
+    "AllocatorError",
+    "EnableError",
+    "OutOfMemoryError",
+    "Pool",
+    "device_pool",
+    "empty_cache",
+    "enable",
+    "enabled",
+    "memory_stats",
+    "memory_summary",
+    "parse_budget",
+    "parse_size",
+    "reset_peak_memory_stats",
+]
+__version__ = "0.1.0"

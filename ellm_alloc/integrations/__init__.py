@@ -1,0 +1,1 @@
+"""Integrations with the outside world: torch's allocator hook (and later HF caches)."""

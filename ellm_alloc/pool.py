@@ -1,0 +1,237 @@
+"""Pool: one device's chunk pool and its torch arena, as a Python object.
+
+`Pool(device="cpu", budget="1GiB")` builds a host pool (memfd-backed, real
+addresses) for tests, CPU experiments and the KV manager on CPU.
+`Pool(device="cuda:0", ...)` builds a CUDA pool directly; `ellm_alloc.enable()`
+makes the one torch allocates from.
+"""
+from __future__ import annotations
+
+import ctypes
+import threading
+
+from . import _native as N
+from .config import Budget, human, parse_budget, parse_size
+from .errors import AllocatorError, OutOfMemoryError
+
+
+def raise_for_status(status: int, context: str = "") -> None:
+    """Turns a C status into the matching Python exception."""
+    if status == N.OK:
+        return
+    msg = N.last_error() or context
+    if status == N.OUT_OF_MEMORY:
+        raise OutOfMemoryError(msg)
+    if status in (N.INVALID_ARGUMENT, N.UNAVAILABLE):
+        raise ValueError(msg) if status == N.INVALID_ARGUMENT else RuntimeError(msg)
+    raise AllocatorError(msg)
+
+
+def _parse_device(device) -> tuple[str, int]:
+    text = str(device)
+    if text == "cpu" or text.startswith("cpu:"):
+        return "host", int(text.split(":")[1]) if ":" in text else 0
+    if text == "cuda" or text.startswith("cuda:"):
+        return "cuda", int(text.split(":")[1]) if ":" in text else 0
+    raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+
+
+class Pool:
+    """A chunk pool with its arena. Thread-safe; every method maps to the C API."""
+
+    def __init__(
+        self,
+        device: str = "cpu",
+        budget: int | float | str | None = None,
+        chunk_size: int | str | None = None,
+        va_size: int | str | None = None,
+        prealloc: int | str = 0,
+    ):
+        backend, index = _parse_device(device)
+        if backend == "host" and budget is None:
+            raise ValueError("a host pool needs an explicit budget, e.g. Pool('cpu', budget='1GiB')")
+        b: Budget = parse_budget(budget)
+        handle = N.lib.ellm_pool_create(
+            backend.encode(),
+            index,
+            b.bytes,
+            b.fraction,
+            parse_size(chunk_size, "chunk_size") if chunk_size is not None else 0,
+            parse_size(va_size, "va_size") if va_size is not None else 0,
+            parse_size(prealloc, "prealloc") if prealloc else 0,
+        )
+        if not handle:
+            raise_for_status(N.last_status() or N.BACKEND_ERROR, "pool creation failed")
+        self._handle = handle
+        self._owned = True
+        self.backend = backend
+        self.device = index
+        self._reclaim_callbacks: dict[int, object] = {}  # keep ctypes callbacks alive
+        self._lock = threading.Lock()
+
+    @classmethod
+    def _wrap(cls, handle: int) -> "Pool":
+        """A non-owning view of a pool created by the C side (the torch registry)."""
+        self = cls.__new__(cls)
+        self._handle = handle
+        self._owned = False
+        self.backend = N.lib.ellm_pool_backend(handle).decode()
+        self.device = N.lib.ellm_pool_device(handle)
+        self._reclaim_callbacks = {}
+        self._lock = threading.Lock()
+        return self
+
+    @property
+    def handle(self) -> int:
+        if not self._handle:
+            raise ValueError("pool is closed")
+        return self._handle
+
+    # ---- allocation through the arena -----------------------------------
+
+    def malloc(self, size: int, stream: int = 0) -> int:
+        """Allocates `size` bytes; returns the address. Raises OutOfMemoryError."""
+        if size < 0:
+            raise ValueError(f"size must be >= 0, got {size}")
+        ptr = N.lib.ellm_pool_malloc(self.handle, size, stream)
+        if not ptr:
+            if size == 0:
+                return 0
+            raise_for_status(N.last_status() or N.OUT_OF_MEMORY)
+        return ptr
+
+    def free(self, ptr: int, stream: int = 0) -> None:
+        raise_for_status(N.lib.ellm_pool_free(self.handle, ptr, stream))
+
+    def record_stream(self, ptr: int, stream: int) -> None:
+        raise_for_status(N.lib.ellm_pool_record_stream(self.handle, ptr, stream))
+
+    def empty_cache(self) -> int:
+        """Flushes caches and returns idle chunks to the pool; returns how many."""
+        return N.lib.ellm_pool_empty_cache(self.handle)
+
+    # ---- figures ----------------------------------------------------------
+
+    def stats(self) -> dict[str, int]:
+        s = N.Stats()
+        N.lib.ellm_pool_stats(self.handle, ctypes.byref(s))
+        return s.as_dict()
+
+    def owners(self) -> list[dict]:
+        out = []
+        for i in range(self.stats()["num_owners"]):
+            o = N.OwnerStats()
+            raise_for_status(N.lib.ellm_pool_owner_stats(self.handle, i, ctypes.byref(o)))
+            out.append(
+                {
+                    "owner": i,
+                    "name": o.name.decode(),
+                    "held_chunks": o.held_chunks,
+                    "peak_chunks": o.peak_chunks,
+                    "received": o.received,
+                    "given": o.given,
+                    "reclaimed": o.reclaimed,
+                    "active": bool(o.active),
+                }
+            )
+        return out
+
+    def reset_peaks(self) -> None:
+        N.lib.ellm_pool_reset_peaks(self.handle)
+
+    def set_budget(self, budget: int | str) -> None:
+        N.lib.ellm_pool_set_budget(self.handle, parse_size(budget, "budget"))
+
+    def validate(self) -> None:
+        """Raises AssertionError naming the first broken invariant of the arena and ledger."""
+        buf = ctypes.create_string_buffer(512)
+        if N.lib.ellm_pool_validate(self.handle, buf, len(buf)) != N.OK:
+            raise AssertionError(buf.value.decode())
+
+    @property
+    def arena_base(self) -> int:
+        return N.lib.ellm_pool_arena_base(self.handle)
+
+    # ---- other owners (KV spaces) ------------------------------------------
+
+    def register_owner(self, name: str, reclaim=None) -> int:
+        """Adds an owner of chunks. `reclaim(want) -> given` may be called from
+        C when another owner runs short; it must give chunks back with
+        release() and must not block."""
+        if reclaim is None:
+            cb = N.RECLAIM_FN()
+        else:
+            def trampoline(_ctx, want, _fn=reclaim):
+                try:
+                    return int(_fn(want))
+                except Exception:  # never let an exception cross into C
+                    return 0
+            cb = N.RECLAIM_FN(trampoline)
+        owner = N.lib.ellm_pool_register_owner(self.handle, name.encode(), cb, None)
+        self._reclaim_callbacks[owner] = cb
+        return owner
+
+    def unregister_owner(self, owner: int) -> None:
+        raise_for_status(N.lib.ellm_pool_unregister_owner(self.handle, owner))
+        self._reclaim_callbacks.pop(owner, None)
+
+    def acquire(self, owner: int, n: int) -> list[int]:
+        ids = (ctypes.c_uint32 * max(n, 1))()
+        raise_for_status(N.lib.ellm_pool_acquire(self.handle, owner, n, ids))
+        return list(ids[:n])
+
+    def release(self, owner: int, ids: list[int]) -> None:
+        arr = (ctypes.c_uint32 * max(len(ids), 1))(*ids)
+        N.lib.ellm_pool_release(self.handle, owner, len(ids), arr)
+
+    # ---- host backend test controls ------------------------------------------
+
+    def hold_stream(self, stream: int) -> None:
+        """Host pools: events on `stream` stay incomplete (GPU work in flight)."""
+        raise_for_status(N.lib.ellm_host_hold_stream(self.handle, stream))
+
+    def release_stream(self, stream: int) -> None:
+        raise_for_status(N.lib.ellm_host_release_stream(self.handle, stream))
+
+    def inject_fault(self, kind: str, nth: int) -> None:
+        """Host pools: the nth next chunk 'create' or 'map' fails (0 disarms)."""
+        if kind not in ("create", "map"):
+            raise ValueError(f"fault kind must be 'create' or 'map', got {kind!r}")
+        raise_for_status(N.lib.ellm_host_inject_fault(self.handle, 0 if kind == "create" else 1, nth))
+
+    # ---- lifetime ---------------------------------------------------------------
+
+    def close(self) -> int:
+        """Destroys the pool; returns the number of live blocks it still had (leaks)."""
+        if not self._handle or not self._owned:
+            self._handle = None
+            return 0
+        leaked = N.lib.ellm_pool_destroy(self._handle)
+        self._handle = None
+        return leaked
+
+    def __enter__(self) -> "Pool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def summary(self) -> str:
+        from .stats import format_summary
+
+        return format_summary(self.stats(), self.owners(), f"{self.backend}:{self.device}")
+
+    def __repr__(self) -> str:
+        if not self._handle:
+            return "Pool(closed)"
+        s = self.stats()
+        return (
+            f"Pool({self.backend}:{self.device}, budget={human(s['budget_bytes'])}, "
+            f"allocated={human(s['allocated_bytes'])}, mapped={human(s['reserved_bytes'])})"
+        )

@@ -1,0 +1,58 @@
+"""Memory figures in the shape of torch.cuda.memory_stats(), plus the pool's ledger."""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from .config import human
+
+
+def torch_style(raw: dict[str, int], owners: list[dict]) -> "OrderedDict[str, int]":
+    """torch.cuda.memory_stats()-style keys from the arena's and pool's counters.
+
+    allocated: live blocks (rounded to 512 B); active: live plus blocks cached
+    for reuse on their stream; reserved: chunks mapped by the torch arena.
+    """
+    out: OrderedDict[str, int] = OrderedDict()
+    for key, cur, peak in (
+        ("allocated_bytes", "allocated_bytes", "allocated_peak"),
+        ("active_bytes", "active_bytes", "active_peak"),
+        ("reserved_bytes", "reserved_bytes", "reserved_peak"),
+    ):
+        out[f"{key}.all.current"] = raw[cur]
+        out[f"{key}.all.peak"] = raw[peak]
+    out["inactive_split_bytes.all.current"] = raw["cached_bytes"]
+    out["num_alloc_retries"] = raw["cache_flushes"]
+    out["num_ooms"] = raw["ooms"]
+    out["num_device_alloc"] = raw["chunk_maps"]
+    out["num_device_free"] = raw["chunk_unmaps"]
+    for k in ("num_allocs", "num_frees", "fast_allocs", "live_blocks", "invalid_frees", "chunk_moves",
+              "chunk_bytes", "budget_bytes", "created_chunks", "free_chunks", "chunk_creates",
+              "reclaim_calls", "failed_acquires", "va_bytes"):
+        out[f"ellm.{k}"] = raw[k]
+    for o in owners:
+        if not o["active"]:
+            continue
+        name = o["name"]
+        out[f"ellm.chunks.{name}"] = o["held_chunks"]
+        out[f"ellm.chunks.{name}.peak"] = o["peak_chunks"]
+        out[f"ellm.chunks.{name}.received"] = o["received"]
+        out[f"ellm.chunks.{name}.given"] = o["given"]
+    out["ellm.chunks.free"] = raw["free_chunks"]
+    return out
+
+
+def format_summary(raw: dict[str, int], owners: list[dict], where: str) -> str:
+    chunk = raw["chunk_bytes"]
+    lines = [
+        f"ellm_alloc pool {where}: budget {human(raw['budget_bytes'])} in {human(chunk)} chunks",
+        f"  {'':22}{'current':>14}{'peak':>14}",
+        f"  {'allocated':22}{human(raw['allocated_bytes']):>14}{human(raw['allocated_peak']):>14}",
+        f"  {'active (incl. cached)':22}{human(raw['active_bytes']):>14}{human(raw['active_peak']):>14}",
+        f"  {'mapped by arena':22}{human(raw['reserved_bytes']):>14}{human(raw['reserved_peak']):>14}",
+        f"  chunks: {raw['created_chunks']} created, {raw['free_chunks']} free; by owner: "
+        + ", ".join(f"{o['name']}={o['held_chunks']}" for o in owners if o["active"]),
+        f"  allocs {raw['num_allocs']} (fast path {raw['fast_allocs']}), frees {raw['num_frees']}, "
+        f"maps {raw['chunk_maps']}, unmaps {raw['chunk_unmaps']}, moves {raw['chunk_moves']}, "
+        f"cache flushes {raw['cache_flushes']}, OOMs {raw['ooms']}, invalid frees {raw['invalid_frees']}",
+    ]
+    return "\n".join(lines)
