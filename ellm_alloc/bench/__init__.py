@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m ellm_alloc.bench {replay,hotpath} ...`."""

@@ -1,0 +1,178 @@
+"""python -m ellm_alloc.bench {replay,hotpath} [--json]
+
+replay TRACE   replays an allocation trace through the arena on a host pool and,
+               side by side, through a model of torch's caching allocator.
+hotpath        times cached malloc/free pairs inside C, ours and glibc's, on
+               the same size mix in the same run.
+
+With --json the last line printed is one JSON object with every figure.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+from ..config import human, parse_size
+from ..pool import Pool
+from . import trace as tr
+from .torch_model import TorchCachingModel
+
+
+def replay(path: str, budget: int | None = None, chunk_size: int | None = None,
+           timeline_points: int = 0) -> dict:
+    """Replays a trace through a fresh host pool. Returns the figures (and a
+    sampled timeline of live vs mapped bytes when timeline_points > 0)."""
+    events = tr.parse(path)
+    peak = tr.peak_live(events)
+    budget = budget or max(4 * peak, 1 << 30)
+    pool = Pool("cpu", budget=budget, chunk_size=chunk_size)
+    ptrs: dict[int, tuple[int, int]] = {}
+    every = max(1, len(events) // timeline_points) if timeline_points else 0
+    timeline = []
+    t0 = time.perf_counter()
+    for i, ev in enumerate(events):
+        if ev.op == "a":
+            ptrs[ev.id] = (pool.malloc(ev.size, ev.stream), ev.stream)
+        else:
+            p, s = ptrs.pop(ev.id)
+            pool.free(p, s)
+        if every and i % every == 0:
+            st = pool.stats()
+            timeline.append((i, st["allocated_bytes"], st["reserved_bytes"]))
+    wall = time.perf_counter() - t0
+    st = pool.stats()
+    pool.validate()
+    for p, s in ptrs.values():
+        pool.free(p, s)
+    leaked = pool.close()
+    torch_peak = TorchCachingModel().replay(events)
+    out = {
+        "trace": str(path),
+        "events": len(events),
+        "peak_live_requested_bytes": peak,
+        "peak_mapped_bytes": st["reserved_peak"],
+        "fragmentation": st["reserved_peak"] / peak if peak else 1.0,
+        "torch_caching_model_peak_reserved_bytes": torch_peak,
+        "torch_caching_model_fragmentation": torch_peak / peak if peak else 1.0,
+        "chunk_bytes": st["chunk_bytes"],
+        "fast_path_allocs": st["fast_allocs"],
+        "allocs": st["num_allocs"],
+        "chunk_maps": st["chunk_maps"],
+        "chunk_unmaps": st["chunk_unmaps"],
+        "chunk_moves": st["chunk_moves"],
+        "cache_flushes": st["cache_flushes"],
+        "leaked_blocks": leaked,
+        "wall_s": round(wall, 4),
+    }
+    if timeline_points:
+        out["timeline"] = timeline
+    return out
+
+
+# One Llama-3-8B decoder layer's tensors during a batch-8 bf16 decode step,
+# plus the step's small bookkeeping tensors and logits: the sizes torch asks
+# for in the steady state of serving.
+DECODE_STEP_MIX = (
+    [8, 64, 64, 512]  # cache_position, position_ids, attention-mask pieces
+    + [65536, 131072, 65536]  # input norm: hidden, fp32 upcast, output
+    + [65536, 16384, 16384]  # q, k, v projections
+    + [2048, 2048, 65536, 16384, 16384]  # rope cos/sin, rotated q, k, v views made contiguous
+    + [65536, 65536, 65536]  # attention output, o_proj, residual add
+    + [65536, 131072, 65536]  # post-attention norm
+    + [229376, 229376, 229376, 229376]  # gate, up, act(gate), act*up
+    + [65536, 65536]  # down projection, residual add
+    + [4202496]  # lm_head logits (8 x 128256 x fp32), once per step
+)
+
+
+def hotpath(iters: int = 20000, repeats: int = 5, sizes: list[int] | None = None) -> dict:
+    from .. import _native as N
+    import ctypes
+
+    sizes = sizes or DECODE_STEP_MIX
+    arr = (ctypes.c_size_t * len(sizes))(*sizes)
+    pool = Pool("cpu", budget="1GiB")
+    ours, glibc = [], []
+    for _ in range(repeats):  # interleaved, so drift hits both alike
+        ours.append(N.lib.ellm_bench_pairs(pool.handle, arr, len(sizes), iters, 0))
+        glibc.append(N.lib.ellm_bench_pairs(pool.handle, arr, len(sizes), iters, 1))
+    st = pool.stats()
+    pool.validate()
+    pool.close()
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    return {
+        "ns_per_pair_ellm": round(med(ours), 2),
+        "ns_per_pair_glibc": round(med(glibc), 2),
+        "ratio_to_glibc": round(med(ours) / med(glibc), 3),
+        "runs_ellm": [round(x, 2) for x in ours],
+        "runs_glibc": [round(x, 2) for x in glibc],
+        "sizes": len(sizes),
+        "size_mix_bytes": sum(sizes),
+        "iters_per_run": iters,
+        "repeats": repeats,
+        "fast_path_fraction": round(st["fast_allocs"] / max(1, st["num_allocs"]), 4),
+        "machine": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+    }
+
+
+def _print_replay(r: dict) -> None:
+    print(f"trace {r['trace']}: {r['events']} events, replayed in {r['wall_s']:.3f} s")
+    print(f"  peak live requested   {human(r['peak_live_requested_bytes']):>12}")
+    print(f"  peak mapped (ellm)    {human(r['peak_mapped_bytes']):>12}   fragmentation {r['fragmentation']:.4f}")
+    print(f"  torch caching (model) {human(r['torch_caching_model_peak_reserved_bytes']):>12}"
+          f"   fragmentation {r['torch_caching_model_fragmentation']:.4f}")
+    print(f"  allocs {r['allocs']} (fast path {r['fast_path_allocs']}), chunk maps {r['chunk_maps']}, "
+          f"unmaps {r['chunk_unmaps']}, moves {r['chunk_moves']}, cache flushes {r['cache_flushes']}, "
+          f"chunk {human(r['chunk_bytes'])}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m ellm_alloc.bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    rp = sub.add_parser("replay", help="replay an allocation trace through a host pool")
+    rp.add_argument("trace", nargs="+")
+    rp.add_argument("--budget", help="pool budget (default: 4 x peak live, at least 1 GiB)")
+    rp.add_argument("--chunk-size", help="chunk size (default 2 MiB)")
+    rp.add_argument("--json", action="store_true")
+    hp = sub.add_parser("hotpath", help="cached malloc/free pair latency vs glibc")
+    hp.add_argument("--iters", type=int, default=20000)
+    hp.add_argument("--repeats", type=int, default=5)
+    hp.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+
+    if args.cmd == "replay":
+        results = []
+        for path in args.trace:
+            if not Path(path).is_file():
+                ap.error(f"no such trace: {path}")
+            try:
+                r = replay(path, parse_size(args.budget, "budget") if args.budget else None,
+                           parse_size(args.chunk_size, "chunk_size") if args.chunk_size else None)
+            except tr.TraceError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+            _print_replay(r)
+            results.append(r)
+        if args.json:
+            print(json.dumps(results[0] if len(results) == 1 else {"results": results}))
+        return 0
+
+    r = hotpath(args.iters, args.repeats)
+    print(f"hot path: {r['sizes']} sizes per round (one decode-step layer + logits), "
+          f"{r['iters_per_run']} rounds x {r['repeats']} runs, timed inside C")
+    print(f"  ellm_alloc arena  {r['ns_per_pair_ellm']:8.1f} ns per malloc/free pair")
+    print(f"  glibc malloc/free {r['ns_per_pair_glibc']:8.1f} ns per malloc/free pair")
+    print(f"  ratio to glibc    {r['ratio_to_glibc']:8.3f}   (fast-path share {r['fast_path_fraction']:.3f})")
+    if args.json:
+        print(json.dumps(r))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
