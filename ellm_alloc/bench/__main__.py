@@ -1,9 +1,10 @@
-"""python -m ellm_alloc.bench {replay,hotpath} [--json]
+"""python -m ellm_alloc.bench {replay,hotpath,gpu} [--json]
 
 replay TRACE   replays an allocation trace through the arena on a host pool and,
                side by side, through a model of torch's caching allocator.
 hotpath        times cached malloc/free pairs inside C, ours and glibc's, on
                the same size mix in the same run.
+gpu            (CUDA only) ours vs torch native vs expandable_segments.
 
 With --json the last line printed is one JSON object with every figure.
 """
@@ -144,7 +145,18 @@ def main(argv: list[str] | None = None) -> int:
     hp.add_argument("--iters", type=int, default=20000)
     hp.add_argument("--repeats", type=int, default=5)
     hp.add_argument("--json", action="store_true")
+    gp = sub.add_parser("gpu", help="GPU tier: ours vs native vs expandable_segments (needs CUDA)")
+    gp.add_argument("--out", help="write the report JSON here (e.g. benchmarks/results/gpu_allocator.json)")
+    gp.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+
+    if args.cmd == "gpu":
+        from .gpu import run
+
+        report = run(args.out)
+        if args.json:
+            print(json.dumps(report))
+        return 0
 
     if args.cmd == "replay":
         results = []
