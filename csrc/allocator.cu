@@ -23,8 +23,13 @@
 #include "backend_cuda.h"
 #include "backend_host.h"
 #include "c_api.h"
+#include "kv_space.h"
 
 using namespace ellm;
+
+struct ellm_kv_space {
+  std::unique_ptr<KvSpace> space;
+};
 
 struct ellm_pool {
   std::unique_ptr<Backend> backend;
@@ -324,6 +329,61 @@ void ellm_pool_release(ellm_pool* pool, int owner, size_t n, const uint32_t* ids
   pool->pool->release(owner, n, ids);
 }
 uint64_t ellm_pool_chunk_handle(ellm_pool* pool, uint32_t id) { return pool->pool->handle(id); }
+
+void ellm_pool_set_headroom(ellm_pool* pool, int owner, size_t bytes) {
+  pool->pool->set_headroom(owner, (bytes + pool->pool->chunk_bytes() - 1) / pool->pool->chunk_bytes());
+}
+
+ellm_kv_space* ellm_kv_create(ellm_pool* pool, const char* name, size_t page_bytes, size_t n_pages) {
+  clear_error();
+  size_t chunk = pool->pool->chunk_bytes();
+  if (page_bytes == 0 || page_bytes % chunk || n_pages == 0) {
+    fail(kInvalidArgument, "KV page size " + std::to_string(page_bytes) + " must be a positive multiple of the chunk size " +
+                               std::to_string(chunk) + ", with at least one page");
+    return nullptr;
+  }
+  auto s = std::make_unique<KvSpace>(pool->pool.get(), name ? name : "kv", page_bytes, n_pages);
+  if (!s->ok()) {
+    fail(kOutOfMemory, "cannot reserve " + human(page_bytes * n_pages) + " of VA for a KV space");
+    return nullptr;
+  }
+  return new ellm_kv_space{std::move(s)};
+}
+int64_t ellm_kv_destroy(ellm_kv_space* space) {
+  if (!space) return 0;
+  int64_t n = static_cast<int64_t>(space->space->teardown());
+  delete space;
+  return n;
+}
+uintptr_t ellm_kv_base(ellm_kv_space* space) { return space->space->base(); }
+int ellm_kv_owner(ellm_kv_space* space) { return space->space->owner(); }
+int ellm_kv_map(ellm_kv_space* space, uint32_t page) {
+  int r = space->space->map_page(page);
+  if (r == kOutOfMemory) return fail(r, "out of memory: cannot map KV page " + std::to_string(page));
+  return r == kOk ? kOk : fail(r, "KV map of page " + std::to_string(page) + ": " + status_name(r));
+}
+int ellm_kv_unmap(ellm_kv_space* space, uint32_t page, uintptr_t stream) {
+  int r = space->space->unmap_page(page, stream);
+  return r == kOk ? kOk : fail(r, "KV unmap of page " + std::to_string(page) + ": page is not mapped");
+}
+int ellm_kv_set_reclaimable(ellm_kv_space* space, uint32_t page, uint32_t priority, uintptr_t stream) {
+  int r = space->space->set_reclaimable(page, priority, stream);
+  return r == kOk ? kOk : fail(r, "KV page " + std::to_string(page) + " is not mapped");
+}
+int ellm_kv_pin(ellm_kv_space* space, uint32_t page) {
+  int r = space->space->pin(page);
+  if (r < 0) fail(-r, "KV page " + std::to_string(page) + " out of range");
+  return r;
+}
+int ellm_kv_state(ellm_kv_space* space, uint32_t page) { return space->space->state(page); }
+size_t ellm_kv_take_reclaimed(ellm_kv_space* space, uint32_t* pages, size_t cap) {
+  return space->space->take_reclaimed(pages, cap);
+}
+size_t ellm_kv_reclaim(ellm_kv_space* space, size_t want_chunks) { return space->space->reclaim(want_chunks); }
+void ellm_kv_get_stats(ellm_kv_space* space, ellm_kv_stats* out) {
+  KvSpace::Stats s = space->space->stats();
+  *out = ellm_kv_stats{s.mapped_pages, s.reclaimable_pages, s.maps, s.unmaps, s.reclaimed_pages};
+}
 
 static HostBackend* host_of(ellm_pool* pool) {
   return dynamic_cast<HostBackend*>(pool->backend.get());

@@ -77,6 +77,27 @@ int ellm_pool_acquire(ellm_pool* pool, int owner, size_t n, uint32_t* ids);
 void ellm_pool_release(ellm_pool* pool, int owner, size_t n, const uint32_t* ids);
 uint64_t ellm_pool_chunk_handle(ellm_pool* pool, uint32_t id);
 
+// Keeps `bytes` of the budget for `owner` (the arena: owner 0) alone.
+void ellm_pool_set_headroom(ellm_pool* pool, int owner, size_t bytes);
+
+// ---- KV spaces: a VA range of equal pages backed by pool chunks ----
+typedef struct ellm_kv_space ellm_kv_space;
+typedef struct {
+  uint64_t mapped_pages, reclaimable_pages, maps, unmaps, reclaimed_pages;
+} ellm_kv_stats;
+ellm_kv_space* ellm_kv_create(ellm_pool* pool, const char* name, size_t page_bytes, size_t n_pages);
+int64_t ellm_kv_destroy(ellm_kv_space* space);  // returns pages still mapped (now unmapped)
+uintptr_t ellm_kv_base(ellm_kv_space* space);
+int ellm_kv_owner(ellm_kv_space* space);
+int ellm_kv_map(ellm_kv_space* space, uint32_t page);
+int ellm_kv_unmap(ellm_kv_space* space, uint32_t page, uintptr_t stream);
+int ellm_kv_set_reclaimable(ellm_kv_space* space, uint32_t page, uint32_t priority, uintptr_t stream);
+int ellm_kv_pin(ellm_kv_space* space, uint32_t page);  // 1 pinned, 0 was reclaimed, <0 error
+int ellm_kv_state(ellm_kv_space* space, uint32_t page);  // 0 unmapped, 1 pinned, 2 reclaimable
+size_t ellm_kv_take_reclaimed(ellm_kv_space* space, uint32_t* pages, size_t cap);
+size_t ellm_kv_reclaim(ellm_kv_space* space, size_t want_chunks);
+void ellm_kv_get_stats(ellm_kv_space* space, ellm_kv_stats* out);
+
 // ---- host backend test controls ----
 int ellm_host_hold_stream(ellm_pool* pool, uintptr_t stream);
 int ellm_host_release_stream(ellm_pool* pool, uintptr_t stream);

@@ -82,19 +82,32 @@ class ChunkPool {
     for (int round = 0;; ++round) {
       {
         std::lock_guard<std::mutex> g(mu_);
-        if (n > free_.size()) grow_locked(std::max(n - free_.size(), kGrowBatch));
-        if (free_.size() >= n) {
-          take_locked(owner, n, out);
-          return kOk;
+        size_t avail = available_locked(owner);
+        if (n <= avail) {
+          if (n > free_.size()) grow_locked(std::min(avail, std::max(n - free_.size(), kGrowBatch)));
+          if (n <= free_.size()) {
+            take_locked(owner, n, out);
+            return kOk;
+          }
         }
         if (round == 1) {
           ++failed_acquires_;
           return kOutOfMemory;
         }
-        short_by = n - free_.size();
+        // Reclaim enough that n fit on top of the headroom kept for others.
+        short_by = n > avail ? n - avail : n - free_.size();  // else a create failed
       }
       reclaim_from_others(owner, short_by);
     }
+  }
+
+  // Keeps `chunks` of the budget (free or not yet created) for `owner` alone:
+  // other owners' acquires cannot take them. The KV cache uses this to leave
+  // headroom for the next step's activations.
+  void set_headroom(int owner, size_t chunks) {
+    std::lock_guard<std::mutex> g(mu_);
+    headroom_owner_ = owner;
+    headroom_ = chunks;
   }
 
   void release(int owner, size_t n, const ChunkId* ids) {
@@ -189,6 +202,15 @@ class ChunkPool {
     void* ctx;
   };
 
+  // Chunks `owner` may take now without reclaiming: free ones plus what the
+  // budget still allows to create, less the headroom kept for another owner.
+  size_t available_locked(int owner) const {
+    size_t uncreated = budget_chunks_ > created_ ? budget_chunks_ - created_ : 0;
+    size_t total = free_.size() + uncreated;
+    if (owner != headroom_owner_) total = total > headroom_ ? total - headroom_ : 0;
+    return total;
+  }
+
   // Creates up to n chunks within the budget. A failed create (device full,
   // injected fault) just stops the growth: the caller sees a short pool.
   void grow_locked(size_t n) {
@@ -235,6 +257,8 @@ class ChunkPool {
   std::vector<ChunkId> free_, dead_;
   std::vector<OwnerStats> owners_;
   std::vector<Hook> hooks_;
+  int headroom_owner_ = kNoOwner;
+  size_t headroom_ = 0;
   size_t created_ = 0, creates_ = 0, reclaim_calls_ = 0, failed_acquires_ = 0;
 };
 

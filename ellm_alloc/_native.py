@@ -52,6 +52,10 @@ class OwnerStats(ctypes.Structure):
     ]
 
 
+class KvStats(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_uint64) for n in "mapped_pages reclaimable_pages maps unmaps reclaimed_pages".split()]
+
+
 RECLAIM_FN = ctypes.CFUNCTYPE(ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t)
 
 
@@ -120,6 +124,19 @@ _sig("ellm_pool_unregister_owner", _I, _P, _I)
 _sig("ellm_pool_acquire", _I, _P, _I, _SZ, ctypes.POINTER(ctypes.c_uint32))
 _sig("ellm_pool_release", None, _P, _I, _SZ, ctypes.POINTER(ctypes.c_uint32))
 _sig("ellm_pool_chunk_handle", _U64, _P, ctypes.c_uint32)
+_sig("ellm_pool_set_headroom", None, _P, _I, _SZ)
+_sig("ellm_kv_create", _P, _P, ctypes.c_char_p, _SZ, _SZ)
+_sig("ellm_kv_destroy", ctypes.c_int64, _P)
+_sig("ellm_kv_base", _SZ, _P)
+_sig("ellm_kv_owner", _I, _P)
+_sig("ellm_kv_map", _I, _P, ctypes.c_uint32)
+_sig("ellm_kv_unmap", _I, _P, ctypes.c_uint32, _SZ)
+_sig("ellm_kv_set_reclaimable", _I, _P, ctypes.c_uint32, ctypes.c_uint32, _SZ)
+_sig("ellm_kv_pin", _I, _P, ctypes.c_uint32)
+_sig("ellm_kv_state", _I, _P, ctypes.c_uint32)
+_sig("ellm_kv_take_reclaimed", _SZ, _P, ctypes.POINTER(ctypes.c_uint32), _SZ)
+_sig("ellm_kv_reclaim", _SZ, _P, _SZ)
+_sig("ellm_kv_get_stats", None, _P, ctypes.POINTER(KvStats))
 _sig("ellm_host_hold_stream", _I, _P, _SZ)
 _sig("ellm_host_release_stream", _I, _P, _SZ)
 _sig("ellm_host_inject_fault", _I, _P, _I, ctypes.c_int64)
