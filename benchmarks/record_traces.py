@@ -28,22 +28,30 @@ trace, in module order, as a loader would put them on the GPU.
 Where the meta device would take a different path than a GPU run, the recorder
 steers it to the GPU path (each spot is marked "GPU path" below):
 
-* ``scaled_dot_product_attention`` on meta would choose the math backend and
-  materialise the full attention matrix; on an H100/H200 with bf16, head_dim
-  128 and no mask PyTorch picks FlashAttention, which allocates only the output
-  and a float32 log-sum-exp.  The recorder calls the flash op directly (its
-  meta kernel gives CUDA's output layout).  Flash also returns its RNG
-  seed/offset, which live on the host, so they are not recorded.
-* The few data-dependent checks (``tensor.item()``/``bool(tensor)``), which
-  cannot run on meta, are replaced by the answer a real run with unpadded
-  prompts gives (mask is all ones, no sequence has finished early).  The ops
-  that compute them still run, so their small allocations are recorded.
+* ``scaled_dot_product_attention`` on meta would take the math backend and
+  materialise the full attention matrix.  On a GPU, bf16 with head_dim 128 and
+  no mask goes to a fused kernel: cuDNN attention on H100/H200 with recent
+  PyTorch (the default here), FlashAttention elsewhere (``--attention flash``).
+  The recorder calls that op directly; its meta kernel gives CUDA's output
+  layout.  Only the outputs that live in device memory are recorded (the
+  output; flash's float32 log-sum-exp; not the host-side RNG seed/offset).
+* The few values ``generate()`` reads back from the device
+  (``tensor.item()``/``bool(tensor)``), which cannot be read on meta, get the
+  answer a real run with unpadded prompts gives (the mask is all ones, no
+  sequence stops early).  The ops computing them still run, so their small
+  allocations are recorded.  The model's forward itself reads none.
 
-``generate()`` itself contains such checks, so ``generate_like`` drives the
-model the way ``GenerationMixin._sample`` does (greedy, ``DynamicCache``),
-using transformers' own input-preparation helpers and repeating its per-step
-tensor ops (logits copy to float32, argmax, ``input_ids`` growth, stopping
-criteria).
+Not modelled: memory a CUDA kernel takes for itself inside one op (cuBLAS and
+cuDNN workspaces, sort/grouped-GEMM scratch), and the caching allocator's own
+rounding and segments, which are the allocator under test's business.
+``torch.tensor(data, device=...)`` bypasses dispatch modes; such a tensor is
+recorded when an op first uses it.
+
+Because of those reads ``generate()`` cannot run on meta as is, so
+``generate_like`` drives the model the way ``GenerationMixin._sample`` does
+(greedy, ``DynamicCache``), using transformers' own input-preparation helpers
+and repeating its per-step tensor ops (logits copy to float32, argmax,
+``input_ids`` growth, stopping criteria).
 
 Trace format (read by ellm_alloc's replayer)
 --------------------------------------------
@@ -57,6 +65,7 @@ Usage
     python benchmarks/record_traces.py --out benchmarks/traces --only moe_mix
     python benchmarks/record_traces.py --check benchmarks/traces         # validate
     python benchmarks/record_traces.py --self-test                       # recorder sanity checks
+    python benchmarks/record_traces.py --compare-cuda OUT_DIR            # on a GPU: meta vs real run
 
 Recording needs ``torch`` and ``transformers`` (versions used are written in
 each trace header); ``--check`` and the random trace need only the standard
@@ -66,7 +75,6 @@ library.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import math
 import random
@@ -125,8 +133,7 @@ class Trace:
             f"peak live bytes: {self.peak_bytes} ({self.peak_bytes / 2**30:.3f} GiB)",
         ]
         with open(path, "w") as fh:
-            for line in self.header + stats:
-                fh.write(("# " + line).rstrip() + "\n")
+            fh.writelines(("# " + line).rstrip() + "\n" for line in self.header + stats)
             fh.write("\n".join(self.lines))
             fh.write("\n")
 
@@ -150,7 +157,7 @@ def _torch_imports():
 class _Storage:
     """One live storage: its weak reference, trace id and size."""
 
-    __slots__ = ("ref", "aid", "nbytes", "freed")
+    __slots__ = ("aid", "freed", "nbytes", "ref")
 
     def __init__(self, ref, aid: int, nbytes: int):
         self.ref = ref
@@ -163,13 +170,14 @@ def make_recorder_class():
     torch, StorageWeakRef, TorchDispatchMode, _, tree_leaves = _torch_imports()
     aten = torch.ops.aten
 
-    # Outputs that a GPU run does not put in device memory, per op (GPU path):
-    # FlashAttention returns (out, logsumexp, cum_q, cum_k, max_q, max_k,
-    # philox_seed, philox_offset, debug_mask); seed/offset are host tensors
-    # outside CUDA-graph capture and debug_mask is empty.
+    # Outputs that a GPU run really puts in device memory, for ops whose meta
+    # kernel returns more (GPU path).  The fused attention ops return (out,
+    # logsumexp, cum_q, cum_k, max_q, max_k, philox_seed, philox_offset,
+    # debug_mask): seed/offset are host tensors outside CUDA-graph capture,
+    # debug_mask is empty, and cuDNN is asked for no log-sum-exp (inference).
     device_outputs = {
         aten._scaled_dot_product_flash_attention.default: (0, 1),
-        aten._scaled_dot_product_efficient_attention.default: (0, 1),
+        aten._scaled_dot_product_cudnn_attention.default: (0,),
     }
 
     class StorageRecorder(TorchDispatchMode):
@@ -253,60 +261,41 @@ def make_recorder_class():
     return StorageRecorder
 
 
-def make_gpu_attention_mode():
-    """TorchFunctionMode routing SDPA on meta to the kernel a GPU would run (GPU path)."""
+def make_gpu_attention_mode(backend: str = "cudnn"):
+    """TorchFunctionMode routing SDPA on meta to the kernel a GPU would run (GPU path).
+
+    ``backend`` is the fused kernel PyTorch's CUDA dispatcher picks for bf16,
+    head_dim 128, no mask: "cudnn" on H100/H200 (sm90) with torch >= 2.10 and a
+    bundled cuDNN newer than 9.15 (torch 2.11+ wheels), which in inference
+    allocates only the output; "flash" on other GPUs/builds, which also
+    allocates a float32 log-sum-exp of (batch, heads, q_len).  Both take GQA
+    natively (k/v keep their kv-head count) and give the output the query's
+    (batch, seq, heads, dim) memory layout, so transformers' later
+    ``transpose(1, 2).contiguous()`` copies nothing.
+    """
     torch, _, _, TorchFunctionMode, _ = _torch_imports()
     sdpa = torch.nn.functional.scaled_dot_product_attention
+    aten = torch.ops.aten
 
     class GpuAttention(TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
-            if func is not sdpa:
+            if func is not sdpa or args[0].device.type != "meta":
                 return func(*args, **kwargs)
             q, k, v = args[:3]
-            if q.device.type != "meta":
-                return func(*args, **kwargs)
             mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
-            causal = kwargs.get("is_causal", False)
+            causal = kwargs.get("is_causal", args[5] if len(args) > 5 else False)
             scale = kwargs.get("scale")
-            if mask is None:
-                # FlashAttention (native GQA: k/v keep their kv-head count).
-                out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
+            # Unpadded batches never build a mask (masking_utils skips it for SDPA).
+            assert mask is None, "padded batches (attention masks) are not modelled"
+            # cuDNN rejects a key length of 1; PyTorch then falls back to flash.
+            if backend == "cudnn" and k.shape[2] > 1:
+                out = aten._scaled_dot_product_cudnn_attention(q, k, v, None, False, 0.0, causal, False, scale=scale)
             else:
-                # A mask rules flash out; CUDA then takes memory-efficient attention.
-                if k.shape[1] != q.shape[1]:
-                    rep = q.shape[1] // k.shape[1]
-                    k = k.repeat_interleave(rep, dim=1)
-                    v = v.repeat_interleave(rep, dim=1)
-                out = torch.ops.aten._scaled_dot_product_efficient_attention(
-                    q, k, v, mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2]), True, 0.0, causal, scale=scale
-                )
+                out = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
             return out[0]
 
     return GpuAttention
-
-
-@contextlib.contextmanager
-def gpu_data_checks():
-    """Answer transformers' data-dependent mask check as an unpadded GPU batch would (GPU path).
-
-    ``masking_utils.fast_all`` reads a value from the device (``sum() == numel``);
-    with an all-ones mask the answer is True.  The reduction still runs so its
-    allocations are recorded.
-    """
-    import transformers.masking_utils as mu
-
-    original = mu.fast_all
-
-    def fast_all(tensor):
-        result = original(tensor)
-        return True if tensor.device.type == "meta" else result
-
-    mu.fast_all = fast_all
-    try:
-        yield
-    finally:
-        mu.fast_all = original
 
 
 # --------------------------------------------------------------------------
@@ -325,7 +314,9 @@ def llama3_8b_config(num_layers: int):
         num_hidden_layers=num_layers,
         num_attention_heads=32,
         num_key_value_heads=8,
-        max_position_embeddings=8192 * 4,  # long_prefill_decode goes past 8192
+        # Llama-3-8B was published with 8192; 131072 (Llama-3.1's) keeps the
+        # 32k prompt of long_prefill_decode in range.  No tensor depends on it.
+        max_position_embeddings=131072,
         rms_norm_eps=1e-5,
         rope_theta=500000.0,
         bos_token_id=128000,
@@ -382,12 +373,24 @@ def load_weights(recorder, model) -> int:
 # --------------------------------------------------------------------------
 
 
-def generate_like(model, batch: int, prompt_len: int, new_tokens: int, device: str = "meta") -> None:
-    """One ``model.generate(input_ids, attention_mask=..., max_new_tokens=new_tokens)`` call.
+def _read_on_host(value) -> None:
+    """Where generate() calls bool()/.item() on a device tensor.
+
+    Meta tensors have no value; the caller hard-codes the outcome of an
+    unpadded run instead.  Taking the tensor as an argument keeps its lifetime
+    that of a temporary, as in generate().
+    """
+
+
+def generate_like(model, input_ids, attention_mask, max_new_tokens: int, mark=None):
+    """``model.generate(input_ids=..., attention_mask=..., max_new_tokens=...)``, greedy.
 
     Mirrors transformers' ``generate``/``_sample`` for greedy decoding with a
-    ``DynamicCache`` and unpadded prompts; every tensor it creates on the GPU
-    is created here the same way, and dropped when ``_sample`` drops it.
+    ``DynamicCache`` and unpadded prompts: the device tensors it creates are
+    created here by the same calls (transformers' own helpers where they are
+    data-independent), held by the same variables, and so dropped when
+    ``_sample`` drops them.  ``mark(text)`` is called at each step (trace
+    comments).  Returns the generated sequences, like ``generate``.
     """
     torch = _torch_imports()[0]
     from transformers import DynamicCache
@@ -397,62 +400,77 @@ def generate_like(model, batch: int, prompt_len: int, new_tokens: int, device: s
         StoppingCriteriaList,
     )
 
-    dev = torch.device(device)
+    mark = mark or (lambda text: None)
+    dev = input_ids.device
     cfg = model.config
-    # What the caller passes: the tokenizer's output moved to the GPU.
-    input_ids = torch.zeros(batch, prompt_len, dtype=torch.long).to(dev)
-    attention_mask = torch.ones(batch, prompt_len, dtype=torch.long).to(dev)
+    batch, prompt_len = input_ids.shape
+    max_length = prompt_len + max_new_tokens
 
-    # generate(): special tokens as device tensors (pad falls back to eos).
-    eos = torch.tensor([cfg.eos_token_id], dtype=torch.long, device=dev)
+    # _prepare_special_tokens(): bos/eos as device tensors; pad falls back to
+    # eos[0].  (torch.tensor(..., device=meta) bypasses dispatch modes, so the
+    # host-then-copy form is used; on a GPU both are one small allocation.)
+    bos = torch.tensor(cfg.bos_token_id, dtype=torch.long).to(dev)  # noqa: F841 (held like generate holds it)
+    eos = torch.tensor([cfg.eos_token_id], dtype=torch.long).to(dev)
     pad = eos[0]
     model_kwargs = {"attention_mask": attention_mask, "use_cache": True}
-    del attention_mask
     model_kwargs["position_ids"] = model._prepare_position_ids_for_generation(input_ids, model_kwargs)
-    # generate() drops an all-ones mask (`(mask == 1).all()`; True here) so
-    # SDPA can use is_causal; `_mask_length` keeps its length for prefill.
-    _ = (model_kwargs["attention_mask"] == 1).all()
+    # generate() drops an all-ones mask so SDPA can use is_causal:
+    # `(mask == 1).all()` is True for unpadded prompts.
+    _read_on_host((model_kwargs["attention_mask"] == 1).all())
     mask_length = model_kwargs["attention_mask"].shape[1]
     model_kwargs["attention_mask"] = None
-    model_kwargs["logits_to_keep"] = 1
+    model_kwargs["logits_to_keep"] = 1  # only the last position's logits
     model_kwargs["past_key_values"] = DynamicCache(config=cfg.get_text_config(decoder=True))
-    stopping = StoppingCriteriaList(
-        [MaxLengthCriteria(prompt_len + new_tokens, cfg.max_position_embeddings), EosTokenCriteria(eos)]
-    )
-    unfinished = torch.ones(batch, dtype=torch.long, device=dev)
+    stopping = StoppingCriteriaList([MaxLengthCriteria(max_length, cfg.max_position_embeddings), EosTokenCriteria(eos)])
 
-    # _prefill(): the cache is empty, mask_length == prompt_len.
-    assert mask_length == input_ids.shape[1]
-    prefill_inputs = model.prepare_inputs_for_generation(
+    # _sample()
+    unfinished = torch.ones(batch, dtype=torch.long, device=dev)
+    # _prefill(): empty cache and mask_length == prompt_len, so the whole prompt.
+    assert mask_length == prompt_len
+    mark(f"prefill batch={batch} tokens={prompt_len}")
+    model_inputs = model.prepare_inputs_for_generation(
         input_ids,
-        next_sequence_length=input_ids.shape[1] - model_kwargs["past_key_values"].get_seq_length(),
+        next_sequence_length=prompt_len - model_kwargs["past_key_values"].get_seq_length(),
         is_first_iteration=True,
         **model_kwargs,
     )
-    outputs = model(**prefill_inputs, return_dict=True)
-    del prefill_inputs
+    outputs = model(**model_inputs, return_dict=True)
+    del model_inputs  # local to _prefill
 
-    first = True
+    prefill_consumed = False
     while True:
-        if not first:
+        if prefill_consumed:
+            mark(f"decode step {input_ids.shape[1] - prompt_len} batch={batch} kv_len={input_ids.shape[1]}")
             model_inputs = model.prepare_inputs_for_generation(input_ids, next_sequence_length=1, **model_kwargs)
             outputs = model(**model_inputs, return_dict=True)
-        first = False
+        prefill_consumed = True
         model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs)
         next_token_logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=dev)
-        next_token_scores = next_token_logits  # greedy: no logits processors
+        next_token_scores = next_token_logits  # greedy: empty LogitsProcessorList returns its input
         next_tokens = torch.argmax(next_token_scores, dim=-1)
-        next_tokens = next_tokens * unfinished + pad * (1 - unfinished)
+        next_tokens = next_tokens * unfinished + pad * (1 - unfinished)  # has an eos criterion
         input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=-1)
         unfinished = unfinished & ~stopping(input_ids, None)
-        # StopCheck: bool(unfinished.max() == 0) is False (nothing finished early);
-        # the loop ends when MaxLengthCriteria fires, at max_length.
-        _ = unfinished.max() == 0
+        # StopCheck: `bool(unfinished.max() == 0)`, False until max_length
+        # (no sequence hits eos early in this model of the run).
+        _read_on_host(unfinished.max() == 0)
         del outputs
-        if input_ids.shape[1] >= prompt_len + new_tokens:
+        if input_ids.shape[1] >= max_length:
             break
-    # generate() returns input_ids to the caller, who keeps it briefly and
-    # then drops everything; the cache goes with model_kwargs.
+    return input_ids
+
+
+def serve_request(model, batch: int, prompt_len: int, new_tokens: int, device: str = "meta", mark=None) -> None:
+    """A caller's generate round: tokenised inputs to the GPU, generate, drop everything."""
+    torch = _torch_imports()[0]
+    dev = torch.device(device)
+    # The tokenizer's output moved to the GPU; the caller holds it during generate.
+    inputs = {
+        "input_ids": torch.zeros(batch, prompt_len, dtype=torch.long).to(dev),
+        "attention_mask": torch.ones(batch, prompt_len, dtype=torch.long).to(dev),
+    }
+    sequences = generate_like(model, inputs["input_ids"], inputs["attention_mask"], new_tokens, mark)
+    del sequences, inputs  # the caller decodes the text and lets go
 
 
 # --------------------------------------------------------------------------
@@ -465,25 +483,25 @@ RECORDED = {
         "llama3-8b",
         32,
         [(1, 512, 64)],
-        "One greedy generate call, batch 1, prompt 512, 64 new tokens; the DynamicCache grows by torch.cat every step.",
+        "One greedy generate call: batch 1, prompt 512, 64 new tokens; the DynamicCache grows by torch.cat each step.",
     ),
     "mixed_batches": (
         "llama3-8b",
-        8,
-        [(1, 128, 32), (4, 1024, 32), (8, 300, 24), (2, 2048, 16), (16, 64, 16), (1, 4000, 8)],
-        "Generate calls with mixed batch sizes and prompt lengths, one after another, weights staying loaded.",
+        32,
+        [(1, 128, 32), (4, 1024, 32), (8, 300, 24), (2, 2048, 16)],
+        "Generate calls with mixed batch sizes and prompt lengths, one after another; weights stay loaded.",
     ),
     "long_prefill_decode": (
         "llama3-8b",
-        8,
+        32,
         [(1, 32768, 32)],
         "One long-context request: batch 1, prompt 32768, then 32 decode steps.",
     ),
     "moe_mix": (
         "mixtral-8x7b",
-        4,
+        8,
         [(1, 256, 16), (8, 512, 16), (2, 2048, 8), (32, 128, 8)],
-        "Mixture-of-experts generate calls with mixed batch/prompt sizes (grouped_mm experts).",
+        "Mixture-of-experts generate calls with mixed batch/prompt sizes (grouped_mm experts, top-2 of 8).",
     ),
 }
 
@@ -496,14 +514,24 @@ COMPARE_WORKLOADS = [
 PUBLISHED_LAYERS = {"llama3-8b": 32, "mixtral-8x7b": 32}
 
 MODELS = {
-    "llama3-8b": (llama3_8b_config, "Meta-Llama-3-8B dims: hidden 4096, 32 heads (head_dim 128), 8 KV heads, "
-                  "intermediate 14336, vocab 128256, rope_theta 5e5"),
-    "mixtral-8x7b": (mixtral_8x7b_config, "Mixtral-8x7B dims: hidden 4096, 32 heads (head_dim 128), 8 KV heads, "
-                     "8 experts top-2, expert intermediate 14336, vocab 32000"),
+    "llama3-8b": (
+        llama3_8b_config,
+        (
+            "Meta-Llama-3-8B dims: hidden 4096, 32 heads (head_dim 128), 8 KV heads, "
+            "intermediate 14336, vocab 128256, rope_theta 5e5"
+        ),
+    ),
+    "mixtral-8x7b": (
+        mixtral_8x7b_config,
+        (
+            "Mixtral-8x7B dims: hidden 4096, 32 heads (head_dim 128), 8 KV heads, "
+            "8 experts top-2, expert intermediate 14336, vocab 32000"
+        ),
+    ),
 }
 
 
-def record(name: str, family: str, layers: int, runs, description: str) -> Trace:
+def record(name: str, family: str, layers: int, runs, description: str, attention: str = "cudnn") -> Trace:
     """Record generate calls ``runs`` = [(batch, prompt, new_tokens), ...] on one model."""
     torch = _torch_imports()[0]
     import transformers
@@ -517,7 +545,7 @@ def record(name: str, family: str, layers: int, runs, description: str) -> Trace
         "runs (batch, prompt_tokens, new_tokens): " + ", ".join(f"({b},{p},{n})" for b, p, n in runs),
         "recorded by benchmarks/record_traces.py: transformers modeling code on the meta device,",
         "one allocation per tensor storage, freed when PyTorch's storage refcount hits zero;",
-        "SDPA routed to FlashAttention as on an H100/H200; greedy decoding as GenerationMixin._sample.",
+        f"SDPA as the {attention} kernel (see --attention); greedy decoding as GenerationMixin._sample.",
         f"torch {torch.__version__}, transformers {transformers.__version__}; stream 0 only.",
         "weights are the first allocations and the last frees.",
     ]
@@ -525,13 +553,18 @@ def record(name: str, family: str, layers: int, runs, description: str) -> Trace
     model = build_model(make_config(layers))
     recorder = make_recorder_class()(trace)
     # no_grad, as generate() runs under it.
-    with torch.no_grad(), gpu_data_checks(), make_gpu_attention_mode()(), recorder:
+    with torch.no_grad(), make_gpu_attention_mode(attention)(), recorder:
+
+        def mark(text):
+            recorder.flush()  # so the comment follows the frees that precede it
+            trace.comment(text)
+
         trace.comment("weights")
         weight_bytes = load_weights(recorder, model)
         trace.comment(f"weights loaded: {weight_bytes} bytes")
         for b, p, n in runs:
             trace.comment(f"generate batch={b} prompt={p} new_tokens={n}")
-            generate_like(model, b, p, n)
+            serve_request(model, b, p, n, mark=mark)
             recorder.collect()
         trace.comment("unload model")
         del model
@@ -544,28 +577,69 @@ def cuda_block_bytes(nbytes: int) -> int:
     return 512 * max(1, -(-nbytes // 512))
 
 
-def compare_with_cuda(out_dir: Path, family: str, layers: int, runs) -> dict:
-    """Run the same workload on meta (recorder) and on a real GPU (allocator history); compare.
+def compare_event_streams(meta_ev, cuda_ev, cuda_where=None) -> dict:
+    """Compare two event lists [("a", id, bytes) | ("f", id, 0)], e.g. meta recording vs GPU history.
 
-    The GPU side uses torch.cuda.memory._record_memory_history, whose 'alloc' and
-    'free_requested' entries are the caching allocator's view of the same
-    tensors.  Weights and a warm-up call (cuBLAS workspaces, lazy kernels) are
-    excluded on both sides; sizes are compared as the 512-byte-rounded blocks
-    the allocator hands out.
+    Allocation sizes are aligned as sequences (difflib); an aligned pair "has
+    the same lifetime" when both were freed after the same number of later
+    allocations.  ``cuda_where`` (id -> call site) names the GPU allocations
+    the recording has no counterpart for.
     """
     import difflib
-    import json
     from collections import Counter
+
+    def stats(ev):
+        live = peak = n_alloc = 0
+        sizes, born, lifetime = {}, {}, {}
+        for kind, aid, nbytes in ev:
+            if kind == "a":
+                sizes[aid], born[aid] = nbytes, n_alloc
+                n_alloc += 1
+                live += nbytes
+                peak = max(peak, live)
+            else:
+                live -= sizes[aid]
+                lifetime[aid] = n_alloc - born[aid]
+        return peak, sizes, lifetime, [aid for kind, aid, _ in ev if kind == "a"]
+
+    m_peak, m_sizes, m_life, m_ids = stats(meta_ev)
+    c_peak, c_sizes, c_life, c_ids = stats(cuda_ev)
+    sm = difflib.SequenceMatcher(None, [m_sizes[i] for i in m_ids], [c_sizes[i] for i in c_ids], autojunk=False)
+    pairs = [(m_ids[b.a + j], c_ids[b.b + j]) for b in sm.get_matching_blocks() for j in range(b.size)]
+    matched_c = {ci for _, ci in pairs}
+    where = Counter(f"{c_sizes[ci]} B @ {(cuda_where or {}).get(ci, '?')}" for ci in c_ids if ci not in matched_c)
+    return {
+        "meta_allocs": len(m_ids),
+        "cuda_allocs": len(c_ids),
+        "meta_peak_bytes": m_peak,
+        "cuda_peak_bytes": c_peak,
+        "alloc_sequence_similarity": round(sm.ratio(), 4),
+        "matched_allocs": len(pairs),
+        "matched_with_same_lifetime": sum(m_life.get(mi) == c_life.get(ci) for mi, ci in pairs),
+        "sizes_only_in_meta": (Counter(m_sizes.values()) - Counter(c_sizes.values())).most_common(15),
+        "sizes_only_in_cuda": (Counter(c_sizes.values()) - Counter(m_sizes.values())).most_common(15),
+        "unmatched_cuda_allocs_by_site": where.most_common(25),
+    }
+
+
+def compare_with_cuda(out_dir: Path, family: str, layers: int, runs, attention: str) -> dict:
+    """Record a workload on meta and run it on the real GPU; compare (needs CUDA).
+
+    The GPU side reads the caching allocator's own history
+    (``torch.cuda.memory._record_memory_history``: 'alloc' and 'free_requested'
+    entries).  Weights and a warm-up request (cuBLAS workspace, lazy init) are
+    left out on both sides, and sizes are compared as the 512-byte-rounded
+    blocks the allocator hands out.  Not yet run: no GPU was available when
+    the traces were recorded.
+    """
+    import json
 
     torch = _torch_imports()[0]
     make_config, _ = MODELS[family]
-    desc = f"compare {family} layers={layers}"
 
-    # Meta side: activations only (drop weight events).
-    meta = record("compare_meta", family, layers, runs, desc)
-    weight_ids = set()
-    meta_ev = []
-    in_weights = True
+    # Meta side, activations only: drop the weight events before the first request.
+    meta = record("compare_meta", family, layers, runs, f"compare {family} {layers} layers", attention)
+    meta_ev, weight_ids, in_weights = [], set(), True
     for ln in meta.lines:
         if ln.startswith("# generate"):
             in_weights = False
@@ -577,84 +651,47 @@ def compare_with_cuda(out_dir: Path, family: str, layers: int, runs) -> dict:
         elif int(aid) not in weight_ids:
             meta_ev.append((kind, int(aid), cuda_block_bytes(int(rest[0])) if rest else 0))
 
-    # GPU side.
+    # GPU side: same model code, real tensors (random weights; only shapes matter).
     model = build_model(make_config(layers)).to_empty(device="cuda")
     with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.02)
-        generate_like(model, 1, 16, 2, device="cuda")  # warm-up
+        for param in model.parameters():
+            param.normal_(0.0, 0.02)
+        serve_request(model, 1, 16, 2, device="cuda")  # warm-up
         torch.cuda.synchronize()
-        torch.cuda.memory._record_memory_history(enabled="all", context="alloc", stacks="python",
-                                                 max_entries=2_000_000)
-        for b, p, n in runs:
-            generate_like(model, b, p, n, device="cuda")
+        torch.cuda.memory._record_memory_history(enabled="all", context="alloc", stacks="python", max_entries=2_000_000)
+        for batch, prompt, new in runs:
+            serve_request(model, batch, prompt, new, device="cuda")
             gc.collect()
         torch.cuda.synchronize()
         snap = torch.cuda.memory._snapshot()
         torch.cuda.memory._record_memory_history(enabled=None)
-    cuda_ev = []
-    cuda_where = {}
-    addr_to_id: dict[int, int] = {}
+    cuda_ev, cuda_where, addr_to_id = [], {}, {}
     for e in snap["device_traces"][torch.cuda.current_device()]:
         if e["action"] == "alloc":
-            aid = len(addr_to_id) + len(cuda_where)
+            aid = len(cuda_where)
             addr_to_id[e["addr"]] = aid
-            frames = [f for f in e.get("frames", []) if "torch/" not in f["filename"]][:3]
+            frames = [f for f in e.get("frames", []) if "/torch/" not in f["filename"]][:3]
             cuda_where[aid] = " < ".join(f"{Path(f['filename']).name}:{f['line']}:{f['name']}" for f in frames)
             cuda_ev.append(("a", aid, cuda_block_bytes(e["size"])))
         elif e["action"] == "free_requested" and e["addr"] in addr_to_id:
             cuda_ev.append(("f", addr_to_id.pop(e["addr"]), 0))
 
-    def stats(ev):
-        live = peak = 0
-        sizes, born, lifetimes = {}, {}, {}
-        n_alloc = 0
-        for kind, aid, nbytes in ev:
-            if kind == "a":
-                sizes[aid] = nbytes
-                born[aid] = n_alloc
-                n_alloc += 1
-                live += nbytes
-                peak = max(peak, live)
-            else:
-                live -= sizes[aid]
-                lifetimes[aid] = n_alloc - born[aid]  # allocations made while it lived
-        return peak, sizes, lifetimes
-
-    m_peak, m_sizes, m_life = stats(meta_ev)
-    c_peak, c_sizes, c_life = stats(cuda_ev)
-    m_ids = [aid for k, aid, _ in meta_ev if k == "a"]
-    c_ids = [aid for k, aid, _ in cuda_ev if k == "a"]
-    sm = difflib.SequenceMatcher(None, [m_sizes[i] for i in m_ids], [c_sizes[i] for i in c_ids], autojunk=False)
-    matched = same_life = 0
-    for blk in sm.get_matching_blocks():
-        for j in range(blk.size):
-            mi, ci = m_ids[blk.a + j], c_ids[blk.b + j]
-            matched += 1
-            same_life += m_life.get(mi) == c_life.get(ci)
-    only_meta = Counter(m_sizes[i] for i in m_ids) - Counter(c_sizes[i] for i in c_ids)
-    only_cuda = Counter(c_sizes[i] for i in c_ids) - Counter(m_sizes[i] for i in m_ids)
-    unmatched_where = Counter()
-    matched_c = {c_ids[blk.b + j] for blk in sm.get_matching_blocks() for j in range(blk.size)}
-    for ci in c_ids:
-        if ci not in matched_c:
-            unmatched_where[f"{c_sizes[ci]} B @ {cuda_where[ci]}"] += 1
     result = {
-        "family": family, "layers": layers, "runs": runs,
-        "torch": torch.__version__, "gpu": torch.cuda.get_device_name(),
-        "meta_allocs": len(m_ids), "cuda_allocs": len(c_ids),
-        "meta_peak_activation_bytes": m_peak, "cuda_peak_activation_bytes": c_peak,
-        "alloc_sequence_similarity": round(sm.ratio(), 4),
-        "matched_allocs": matched, "matched_with_same_lifetime": same_life,
-        "sizes_only_in_meta": only_meta.most_common(15), "sizes_only_in_cuda": only_cuda.most_common(15),
-        "unmatched_cuda_allocs_by_site": unmatched_where.most_common(25),
+        "family": family,
+        "layers": layers,
+        "runs": runs,
+        "attention_modelled": attention,
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name(),
     }
+    result.update(compare_event_streams(meta_ev, cuda_ev, cuda_where))
     out_dir.mkdir(parents=True, exist_ok=True)
     tag = f"{family}_{layers}l"
     (out_dir / f"compare_{tag}.json").write_text(json.dumps(result, indent=1))
     for label, ev in (("meta", meta_ev), ("cuda", cuda_ev)):
         (out_dir / f"compare_{tag}_{label}.txt").write_text(
-            "\n".join(f"{k} {aid} {n}" if k == "a" else f"{k} {aid}" for k, aid, n in ev) + "\n")
+            "\n".join(f"{k} {aid} {n}" if k == "a" else f"{k} {aid}" for k, aid, n in ev) + "\n"
+        )
     return result
 
 
@@ -663,26 +700,26 @@ def compare_with_cuda(out_dir: Path, family: str, layers: int, runs) -> dict:
 # --------------------------------------------------------------------------
 
 
-def random_two_stream(seed: int = 20240611, n_events: int = 50_000, target_live: int = 3 * 2**30) -> Trace:
+def random_two_stream(seed: int = 20240611, n_events: int = 50_000, mean_live: int = 3 * 2**30) -> Trace:
     """Seeded random trace: log-uniform sizes 512 B..256 MiB, random lifetimes, streams 0/1.
 
-    Each step allocates, or frees a uniformly chosen live allocation; the
-    allocation probability falls as live bytes approach ``target_live`` so the
-    live set hovers around a few GiB.  Whatever is live at the end is freed.
+    Each step allocates (on stream 0 or 1 at random) or frees a uniformly
+    chosen live allocation.  P(alloc) = 1 - live / (2 * mean_live), clamped to
+    [0.05, 0.95], so live bytes hover around ``mean_live``.  Whatever is live
+    after ``n_events`` steps is freed, in random order.
     """
     rng = random.Random(seed)
     trace = Trace("random_two_stream")
     trace.header = [
         "ellm_alloc allocation trace: random_two_stream (synthetic, not recorded)",
-        f"generated by benchmarks/record_traces.py random_two_stream(seed={seed}, n_events={n_events}, "
-        f"target_live={target_live})",
+        f"generated by benchmarks/record_traces.py random_two_stream(seed={seed}, n_events={n_events}, mean_live={mean_live})",
         "sizes log-uniform in [512 B, 256 MiB]; each step allocates or frees a uniformly random live id;",
-        "P(alloc) = clamp(1 - live/target_live, 0.05, 0.95); streams 0/1 at random; all freed at the end.",
+        "P(alloc) = clamp(1 - live / (2 * mean_live), 0.05, 0.95); stream 0 or 1 at random; all freed at the end.",
     ]
     lo, hi = math.log(512), math.log(256 * 2**20)
     live_ids: list[int] = []
     while trace.n_events < n_events:
-        p_alloc = min(0.95, max(0.05, 1.0 - trace.live_bytes / target_live))
+        p_alloc = min(0.95, max(0.05, 1.0 - trace.live_bytes / (2 * mean_live)))
         if not live_ids or rng.random() < p_alloc:
             nbytes = int(math.exp(rng.uniform(lo, hi)))
             live_ids.append(trace.alloc(nbytes, stream=rng.randrange(2)))
@@ -771,11 +808,60 @@ def self_test() -> None:
         x = torch.zeros(8, device="cpu")  # host tensor: no event
         del e, h, x
         rec.flush()
-    expect = ["a 0 4096", "a 1 4096", "a 2 4096", "f 0", "a 3 4096", "a 4 512", "a 5 2048", "f 4",
-              "f 3", "f 2", "f 1", "f 5"]
+    expect = [
+        "a 0 4096",
+        "a 1 4096",
+        "a 2 4096",
+        "f 0",
+        "a 3 4096",
+        "a 4 512",
+        "a 5 2048",
+        "f 4",
+        "f 3",
+        "f 2",
+        "f 1",
+        "f 5",
+    ]
     got = [ln for ln in trace.lines if not ln.startswith("#")]
     assert got == expect, f"recorder self-test failed:\n got    {got}\n expect {expect}"
-    print("self-test ok:", " | ".join(got))
+    print("lifetimes ok:", " | ".join(got))
+
+    # Attention routing: a GQA call (32 query heads, 8 kv heads, 10 tokens,
+    # head_dim 128, bf16) allocates the output, plus the float32 log-sum-exp
+    # for flash; the output keeps the query's (batch, seq, heads, dim) layout.
+    for backend, expect in (("cudnn", ["a 0 81920"]), ("flash", ["a 0 81920", "a 1 1280"])):
+        trace = Trace("attention")
+        q = torch.empty(1, 10, 32, 128, dtype=torch.bfloat16, device="meta").transpose(1, 2)
+        k = torch.empty(1, 8, 10, 128, dtype=torch.bfloat16, device="meta")
+        with make_gpu_attention_mode(backend)(), make_recorder_class()(trace):
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, k, is_causal=True, enable_gqa=True)
+        got = [ln for ln in trace.lines if not ln.startswith("#")]
+        assert got == expect, f"{backend} attention: got {got}, expect {expect}"
+        assert out.transpose(1, 2).is_contiguous(), f"{backend} attention output layout"
+    print("attention routing ok")
+
+    # Writing, checking and comparing traces.
+    import tempfile
+
+    trace = random_two_stream(seed=1, n_events=2000, mean_live=2**28)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "t.trace"
+        trace.write(path)
+        stats = check_trace(path)
+    assert (stats["events"], stats["peak_live_bytes"], stats["left_live"]) == (trace.n_events, trace.peak_bytes, 0), (
+        stats
+    )
+    events = [
+        (ln.split()[0], int(ln.split()[1]), int(ln.split()[2]) if ln[0] == "a" else 0)
+        for ln in trace.lines
+        if not ln.startswith("#")
+    ]
+    same = compare_event_streams(events, events)
+    assert same["alloc_sequence_similarity"] == 1.0 and same["matched_with_same_lifetime"] == trace.n_alloc
+    extra = [("a", -1, 12345)] + events + [("f", -1, 0)]
+    diff = compare_event_streams(events, extra, {-1: "site"})
+    assert diff["unmatched_cuda_allocs_by_site"] == [("12345 B @ site", 1)], diff
+    print("trace write/check/compare ok")
 
 
 # --------------------------------------------------------------------------
@@ -786,11 +872,22 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, help="directory to write <name>.trace files to")
     ap.add_argument("--only", nargs="*", help="trace names to produce (default: all)")
     ap.add_argument("--random", action="store_true", help="write only the synthetic random_two_stream trace")
-    ap.add_argument("--check", nargs="*", type=Path, metavar="PATH",
-                    help="validate traces (files or directories; default: --out)")
+    ap.add_argument(
+        "--check", nargs="*", type=Path, metavar="PATH", help="validate traces (files or directories; default: --out)"
+    )
     ap.add_argument("--self-test", action="store_true", help="run the recorder sanity check")
-    ap.add_argument("--compare-cuda", type=Path, metavar="DIR",
-                    help="on a CUDA machine: record small workloads on meta and on the GPU, write comparisons to DIR")
+    ap.add_argument(
+        "--attention",
+        choices=["cudnn", "flash"],
+        default="cudnn",
+        help="fused SDPA kernel to model: cudnn (H100/H200, torch>=2.11) or flash (other GPUs)",
+    )
+    ap.add_argument(
+        "--compare-cuda",
+        type=Path,
+        metavar="DIR",
+        help="on a CUDA machine: record small workloads on meta and on the GPU, write comparisons to DIR",
+    )
     args = ap.parse_args(argv)
 
     if args.self_test:
@@ -799,7 +896,7 @@ def main(argv=None) -> int:
 
     if args.compare_cuda is not None:
         for family, layers, runs in COMPARE_WORKLOADS:
-            r = compare_with_cuda(args.compare_cuda, family, layers, runs)
+            r = compare_with_cuda(args.compare_cuda, family, layers, runs, args.attention)
             print({k: v for k, v in r.items() if not isinstance(v, list) or k == "runs"}, flush=True)
         return 0
 
@@ -816,9 +913,11 @@ def main(argv=None) -> int:
                 print(f"FAIL {exc}")
                 ok = False
                 continue
-            print(f"{f.name}: {s['events']} events ({s['allocs']} a / {s['frees']} f), "
-                  f"peak live {s['peak_live_bytes']} B ({s['peak_live_bytes'] / 2**30:.3f} GiB), "
-                  f"streams {s['streams']}, still live at end {s['left_live']}")
+            print(
+                f"{f.name}: {s['events']} events ({s['allocs']} a / {s['frees']} f), "
+                f"peak live {s['peak_live_bytes']} B ({s['peak_live_bytes'] / 2**30:.3f} GiB), "
+                f"streams {s['streams']}, still live at end {s['left_live']}"
+            )
         return 0 if ok else 1
 
     if args.out is None:
@@ -831,12 +930,15 @@ def main(argv=None) -> int:
             trace = random_two_stream()
         elif name in RECORDED:
             family, layers, runs, description = RECORDED[name]
-            trace = record(name, family, layers, runs, description)
+            trace = record(name, family, layers, runs, description, args.attention)
         else:
             ap.error(f"unknown trace {name!r}")
         trace.write(args.out / f"{name}.trace")
-        print(f"{name}: {trace.n_events} events, peak live {trace.peak_bytes} B "
-              f"({trace.peak_bytes / 2**30:.3f} GiB), {time.time() - t0:.1f}s", flush=True)
+        print(
+            f"{name}: {trace.n_events} events, peak live {trace.peak_bytes} B "
+            f"({trace.peak_bytes / 2**30:.3f} GiB), {time.time() - t0:.1f}s",
+            flush=True,
+        )
     return 0
 
 
