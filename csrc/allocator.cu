@@ -334,6 +334,8 @@ void ellm_pool_set_headroom(ellm_pool* pool, int owner, size_t bytes) {
   pool->pool->set_headroom(owner, (bytes + pool->pool->chunk_bytes() - 1) / pool->pool->chunk_bytes());
 }
 
+size_t ellm_pool_available_chunks(ellm_pool* pool, int owner) { return pool->pool->available(owner); }
+
 ellm_kv_space* ellm_kv_create(ellm_pool* pool, const char* name, size_t page_bytes, size_t n_pages) {
   clear_error();
   size_t chunk = pool->pool->chunk_bytes();

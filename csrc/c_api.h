@@ -79,6 +79,8 @@ uint64_t ellm_pool_chunk_handle(ellm_pool* pool, uint32_t id);
 
 // Keeps `bytes` of the budget for `owner` (the arena: owner 0) alone.
 void ellm_pool_set_headroom(ellm_pool* pool, int owner, size_t bytes);
+// Chunks `owner` could take now without reclaiming from anyone.
+size_t ellm_pool_available_chunks(ellm_pool* pool, int owner);
 
 // ---- KV spaces: a VA range of equal pages backed by pool chunks ----
 typedef struct ellm_kv_space ellm_kv_space;

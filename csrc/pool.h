@@ -101,6 +101,11 @@ class ChunkPool {
     }
   }
 
+  size_t available(int owner) {
+    std::lock_guard<std::mutex> g(mu_);
+    return available_locked(owner);
+  }
+
   // Keeps `chunks` of the budget (free or not yet created) for `owner` alone:
   // other owners' acquires cannot take them. The KV cache uses this to leave
   // headroom for the next step's activations.

@@ -184,6 +184,18 @@ class Pool:
         arr = (ctypes.c_uint32 * max(len(ids), 1))(*ids)
         N.lib.ellm_pool_release(self.handle, owner, len(ids), arr)
 
+    ARENA_OWNER = 0  # the torch arena registers first in every pool
+
+    def set_headroom(self, nbytes: int, owner: int = ARENA_OWNER) -> None:
+        """Keeps nbytes of the budget for `owner` (default: the torch arena) alone."""
+        if nbytes < 0:
+            raise ValueError(f"headroom must be >= 0 bytes, got {nbytes}")
+        N.lib.ellm_pool_set_headroom(self.handle, owner, nbytes)
+
+    def available_chunks(self, owner: int) -> int:
+        """Chunks `owner` could take now without reclaiming from another owner."""
+        return N.lib.ellm_pool_available_chunks(self.handle, owner)
+
     # ---- host backend test controls ------------------------------------------
 
     def hold_stream(self, stream: int) -> None:

@@ -38,6 +38,11 @@ def torch_style(raw: dict[str, int], owners: list[dict]) -> "OrderedDict[str, in
         out[f"ellm.chunks.{name}.received"] = o["received"]
         out[f"ellm.chunks.{name}.given"] = o["given"]
     out["ellm.chunks.free"] = raw["free_chunks"]
+    # Ballooning: chunks that moved between the torch arena and the KV cache.
+    arena = next((o for o in owners if o["name"] == "arena"), None)
+    if arena is not None:
+        out["ellm.balloon.kv_to_arena_chunks"] = arena["received"]
+        out["ellm.balloon.arena_to_kv_chunks"] = arena["given"]
     return out
 
 

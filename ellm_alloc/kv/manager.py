@@ -1,0 +1,405 @@
+"""KVCacheManager: the KV cache of one model on the shared chunk pool.
+
+The scheduler-facing API, in the spirit of vLLM v1's kv_cache_manager:
+
+    mgr = KVCacheManager(model_spec, pool, block_size=16)
+    hit = mgr.add_request("r1", prompt_token_ids)      # prefix-cache hit, in tokens
+    if mgr.can_allocate("r1", len(prompt) - hit):
+        mgr.allocate_slots("r1", len(prompt) - hit)
+    ...                                                # one decode step:
+    mgr.allocate_slots("r1", 1, new_token_ids=[tok])
+    mgr.free("r1")
+
+Each group of identical layers has its own VA range of large pages (a
+PageSpace, one owner of the pool), its GroupBlockPool and its single-type
+manager. Allocation is all-or-nothing across groups: a failure rolls back
+every block it took.
+"""
+from __future__ import annotations
+
+import hashlib
+import struct
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import OutOfMemoryError
+from ..pool import Pool
+from .block_pool import GroupBlockPool, NoFreeBlocks, PageReclaimed
+from .layout import KVGroup, PageLayout, plan_layout
+from .single_type import MANAGER_FOR_KIND, SingleTypeManager
+from .space import PageSpace
+from .spec import ModelKVSpec
+
+
+def chain_hashes(token_ids: list[int], block_size: int, extra_keys: tuple = (), start: int = 0,
+                 parents: list[int] | None = None) -> list[int]:
+    """Hash of every full block, chained: block i's hash covers tokens
+    [0, (i+1)*bs) and the extra keys (e.g. image ids), so equal hashes mean
+    equal prefixes. 128-bit BLAKE2b: a collision would hand a request another
+    prompt's KV, so a cheap 64-bit hash is not enough. `parents` extends an
+    earlier list from block `start`."""
+    out = list(parents or [])
+    prev = (out[-1].to_bytes(16, "little") if out
+            else hashlib.blake2b(repr(extra_keys).encode(), digest_size=16).digest())
+    for i in range(start, len(token_ids) // block_size):
+        chunk = token_ids[i * block_size:(i + 1) * block_size]
+        prev = hashlib.blake2b(prev + struct.pack(f"<{len(chunk)}q", *chunk), digest_size=16).digest()
+        out.append(int.from_bytes(prev, "little"))
+    return out
+
+
+@dataclass
+class RequestState:
+    request_id: str
+    token_ids: list[int]
+    extra_keys: tuple = ()
+    num_tokens: int = 0  # tokens with a KV slot
+    prompt_len: int = 0
+    hashes: list[int] = field(default_factory=list)
+    hit_tokens: int = 0
+
+
+class KVCacheManager:
+    def __init__(
+        self,
+        model: ModelKVSpec,
+        pool: Pool,
+        block_size: int = 16,
+        max_large_page_bytes: int | None = None,
+        enable_prefix_caching: bool = True,
+        name: str = "kv",
+        capacity_bytes: int | None = None,
+        max_cached_fraction: float = 0.05,
+    ):
+        chunk = pool.stats()["chunk_bytes"]
+        self.pool = pool
+        self.model = model
+        self.block_size = block_size
+        self.layout: PageLayout = plan_layout(model, block_size, chunk, max_large_page_bytes)
+        self.enable_prefix_caching = enable_prefix_caching
+        self.max_cached_fraction = max_cached_fraction
+        capacity = capacity_bytes or pool.stats()["budget_bytes"]
+        n_large = capacity // self.layout.large_page_bytes + 1  # VA only: every group may hold it all
+        self.spaces: list[PageSpace] = []
+        self.pools: list[GroupBlockPool] = []
+        self.managers: list[SingleTypeManager] = []
+        for g in self.layout.groups:
+            space = PageSpace(pool, f"{name}.g{g.group_id}.{g.kind}", self.layout.large_page_bytes, n_large)
+            bp = GroupBlockPool(space, self.layout, g)
+            self.spaces.append(space)
+            self.pools.append(bp)
+            self.managers.append(MANAGER_FOR_KIND[g.kind](g, bp))
+        self.requests: dict[str, RequestState] = {}
+        self.layer_group = {layer: g for g in self.layout.groups for layer in g.layers}
+        self._views: dict[int, tuple[torch.Tensor, ...]] = {}
+        self.stats_hit_tokens = 0
+        self.stats_query_tokens = 0
+
+    # ---- request lifetime ---------------------------------------------------------
+
+    def sync(self) -> None:
+        """Takes note of pages the pool reclaimed since the last call."""
+        for bp in self.pools:
+            bp.sync()
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], extra_keys: tuple = ()) -> int:
+        """Registers a request and takes its prefix-cache hit; returns the hit in tokens."""
+        if request_id in self.requests:
+            raise ValueError(f"request {request_id!r} is already known")
+        if not prompt_token_ids:
+            raise ValueError(f"request {request_id!r} has an empty prompt")
+        self.sync()
+        st = RequestState(request_id, list(prompt_token_ids), tuple(extra_keys), prompt_len=len(prompt_token_ids))
+        st.hashes = chain_hashes(st.token_ids, self.block_size, st.extra_keys)
+        self.requests[request_id] = st
+        self.stats_query_tokens += len(prompt_token_ids)
+        if not self.enable_prefix_caching:
+            return 0
+        for _ in range(3):
+            hit_blocks = self._longest_hit(st.hashes, (len(prompt_token_ids) - 1) // self.block_size)
+            try:
+                for m in self.managers:
+                    m.apply_hit(request_id, st.hashes, hit_blocks)
+            except PageReclaimed:
+                self._drop_request_blocks(request_id)
+                self.sync()
+                continue
+            st.num_tokens = st.hit_tokens = hit_blocks * self.block_size
+            self.stats_hit_tokens += st.hit_tokens
+            return st.hit_tokens
+        return 0
+
+    def _longest_hit(self, hashes: list[int], max_blocks: int) -> int:
+        """The most full blocks valid for every group (at least one token is
+        always left to compute)."""
+        for n in range(min(max_blocks, len(hashes)), 0, -1):
+            if all(m.hit_valid(hashes, n) for m in self.managers):
+                return n
+        return 0
+
+    def num_blocks_needed(self, request_id: str, num_new_tokens: int) -> list[int]:
+        st = self._state(request_id)
+        total = st.num_tokens + num_new_tokens
+        return [m.num_new_blocks(request_id, total) for m in self.managers]
+
+    def can_allocate(self, request_id: str, num_new_tokens: int) -> bool:
+        """Whether allocate_slots would succeed now, counting free slots,
+        evictable cached blocks and what the pool can still give."""
+        self._check_capacity(request_id, num_new_tokens)
+        self.sync()
+        needed = self.num_blocks_needed(request_id, num_new_tokens)
+        pages_short = 0
+        for n, bp in zip(needed, self.pools):
+            spare = bp.num_free_slots() + bp.num_evictable()
+            if n > spare:
+                pages_short += -(-(n - spare) // bp.ratio)
+        if pages_short == 0:
+            return True
+        chunks_per_page = self.layout.large_page_bytes // self.layout.chunk_bytes
+        return pages_short * chunks_per_page <= self.pool.available_chunks(self.spaces[0].owner)
+
+    def allocate_slots(self, request_id: str, num_new_tokens: int, new_token_ids: list[int] | None = None,
+                       stream: int = 0) -> bool:
+        """Gives the request KV slots for num_new_tokens more tokens; False (and
+        nothing changed) when memory is short. New token ids (decode output)
+        extend the request's tokens for prefix hashing."""
+        if num_new_tokens < 0:
+            raise ValueError(f"num_new_tokens must be >= 0, got {num_new_tokens}")
+        self._check_capacity(request_id, num_new_tokens)
+        st = self._state(request_id)
+        self.sync()
+        total = st.num_tokens + num_new_tokens
+        taken: list[tuple[GroupBlockPool, list[int], SingleTypeManager]] = []
+        try:
+            for m in self.managers:
+                taken.append((m.pool, m.allocate(request_id, total), m))
+        except NoFreeBlocks:
+            for bp, blocks, m in taken:
+                positions = m.req_blocks[request_id]
+                for b in blocks:
+                    positions[positions.index(b)] = None
+                    bp.release(b, None, stream)
+            return False
+        if new_token_ids:
+            st.token_ids.extend(new_token_ids)
+        st.num_tokens = total
+        for m in self.managers:
+            m.remove_skipped(request_id, total, stream)
+        if self.enable_prefix_caching:
+            st.hashes = chain_hashes(st.token_ids, self.block_size, st.extra_keys, len(st.hashes), st.hashes)
+            for m in self.managers:
+                m.cache_blocks(request_id, st.hashes, min(total, len(st.token_ids)))
+        return True
+
+    def free(self, request_id: str, stream: int = 0) -> None:
+        """Releases the request's blocks; full ones stay cached (evictable)."""
+        st = self._state(request_id)
+        prompt_blocks = st.prompt_len // self.block_size
+        for m in self.managers:
+            m.free(request_id, prompt_blocks, stream)
+        del self.requests[request_id]
+        self._trim_cache(stream)
+
+    def fork(self, parent_id: str, child_id: str) -> None:
+        """The child shares the parent's blocks (copy-on-write: the child's
+        next allocation gives it fresh blocks for anything it writes)."""
+        parent = self._state(parent_id)
+        if child_id in self.requests:
+            raise ValueError(f"request {child_id!r} is already known")
+        self.sync()
+        # Share only full blocks: the partial last block would be written by both.
+        full = parent.num_tokens // self.block_size
+        child = RequestState(child_id, list(parent.token_ids[:full * self.block_size]), parent.extra_keys,
+                             num_tokens=full * self.block_size, prompt_len=parent.prompt_len,
+                             hashes=list(parent.hashes[:full]))
+        for m in self.managers:
+            blocks = m.req_blocks.get(parent_id, [])
+            shared = list(blocks[:full])
+            if isinstance(m, MANAGER_FOR_KIND["cross"]):
+                shared = list(blocks)
+            for b in shared:
+                if b is not None:
+                    m.pool.touch(b)
+            m.req_blocks[child_id] = shared
+        self.requests[child_id] = child
+
+    def _drop_request_blocks(self, request_id: str) -> None:
+        for m in self.managers:
+            for b in m.req_blocks.pop(request_id, []):
+                if b is not None:
+                    m.pool.release(b, None)
+
+    def _trim_cache(self, stream: int = 0) -> None:
+        """Deflates the prefix cache to max_cached_fraction of the KV bytes:
+        cached-only pages are memory no live token needs."""
+        live = sum(bp.live_blocks() * bp.group.padded_small_bytes for bp in self.pools)
+        for bp in self.pools:
+            excess = bp.num_evictable() * bp.group.padded_small_bytes - self.max_cached_fraction * max(live, 1)
+            if excess > 0:
+                bp.evict(int(-(-excess // bp.group.padded_small_bytes)))
+
+    def _state(self, request_id: str) -> RequestState:
+        try:
+            return self.requests[request_id]
+        except KeyError:
+            raise KeyError(f"unknown request {request_id!r}") from None
+
+    def _check_capacity(self, request_id: str, num_new_tokens: int) -> None:
+        st = self._state(request_id)
+        total = st.num_tokens + num_new_tokens
+        for m in self.managers:
+            blocks = m.end_block(total) - m.first_needed_block(total)
+            pages = -(-blocks // m.pool.ratio)
+            if pages > m.pool.space.n_pages:
+                raise ValueError(
+                    f"request {request_id!r} at {total} tokens needs {pages} large pages in group "
+                    f"{m.group.group_id} ({m.group.kind}); the KV space holds at most {m.pool.space.n_pages}"
+                )
+
+    # ---- ballooning -------------------------------------------------------------------
+
+    def reserve_headroom(self, nbytes: int) -> None:
+        """Keeps nbytes of the pool for the torch arena (next step's activations):
+        the KV cache cannot take them."""
+        self.pool.set_headroom(nbytes)
+
+    def evict(self, num_blocks: int) -> int:
+        """Evicts up to num_blocks cached blocks, least valuable first."""
+        self.sync()
+        done = 0
+        for bp in sorted(self.pools, key=lambda p: p.num_evictable(), reverse=True):
+            done += bp.evict(num_blocks - done)
+        return done
+
+    # ---- figures ----------------------------------------------------------------------
+
+    def live_bytes_needed(self) -> int:
+        """Bytes the live tokens need (full: all; sliding: the window; Mamba: its
+        state; cross: fixed), summed over requests, as if nothing were shared."""
+        total = 0
+        for st in self.requests.values():
+            for g in self.layout.groups:
+                total += g.spec.live_bytes(st.num_tokens) * len(g.layers)
+        return total
+
+    def mapped_bytes(self) -> int:
+        return sum(bp.mapped_pages() for bp in self.pools) * self.layout.large_page_bytes
+
+    def usage(self) -> dict:
+        groups = []
+        for g, bp in zip(self.layout.groups, self.pools):
+            groups.append({
+                "group": g.group_id,
+                "kind": g.kind,
+                "layers": len(g.layers),
+                "small_page_bytes": g.small_page_bytes,
+                "padding_bytes": g.padding_bytes,
+                "mapped_pages": bp.mapped_pages(),
+                "mapped_bytes": bp.mapped_pages() * self.layout.large_page_bytes,
+                "live_blocks": bp.live_blocks(),
+                "cached_blocks": bp.num_evictable(),
+                "free_slots": bp.num_free_slots(),
+                "evictions": bp.evictions,
+            })
+        mapped = self.mapped_bytes()
+        return {
+            "large_page_bytes": self.layout.large_page_bytes,
+            "mapped_bytes": mapped,
+            "live_bytes_needed": self.live_bytes_needed(),
+            "utilisation": self.live_bytes_needed() / mapped if mapped else 1.0,
+            "requests": len(self.requests),
+            "prefix_hit_rate": self.stats_hit_tokens / self.stats_query_tokens if self.stats_query_tokens else 0.0,
+            "groups": groups,
+        }
+
+    # ---- paged view ----------------------------------------------------------------------
+
+    def block_table(self, request_id: str, layer: int) -> list[int | None]:
+        """The request's block ids in the layer's group (None: out of window)."""
+        self._state(request_id)
+        return list(self.managers[self.layer_group[layer].group_id].req_blocks.get(request_id, []))
+
+    def layer_tensors(self, layer: int) -> tuple[torch.Tensor, ...]:
+        """Per-layer tensors over the group's range, indexed by block id:
+        (K, V) of shape [num_blocks, block_size, kv_heads, head_dim] (MLA: one
+        latent tensor [num_blocks, block_size, latent]; Mamba: one uint8 state
+        tensor [num_blocks, state_bytes]). Zero-copy; do not touch blocks that
+        are not allocated (unmapped VA faults)."""
+        if layer in self._views:
+            return self._views[layer]
+        g = self.layer_group[layer]
+        space = self.spaces[g.group_id]
+        nblocks = space.n_pages * self.layout.ratio(g)
+        li = g.layers.index(layer)
+        page = g.padded_small_bytes
+        spec = g.spec
+        if g.is_state:
+            per = g.small_page_bytes // len(g.layers)
+            views = (space.view(torch.uint8, li * per, (nblocks, per), (page, 1)),)
+        elif g.kind == "mla":
+            item = torch.empty((), dtype=spec.torch_dtype).element_size()
+            width = spec.bytes_per_token() // item
+            views = (space.view(spec.torch_dtype, li * g.plane_bytes(), (nblocks, g.block_size, width),
+                                (page // item, width, 1)),)
+        else:
+            item = torch.empty((), dtype=spec.torch_dtype).element_size()
+            h, d = spec.kv_heads, spec.head_dim
+            plane = g.plane_bytes()
+            views = tuple(
+                space.view(spec.torch_dtype, (li * 2 + kv) * plane, (nblocks, g.block_size, h, d),
+                           (page // item, h * d, d, 1))
+                for kv in range(2)
+            )
+        self._views[layer] = views
+        return views
+
+    def gather(self, request_id: str, layer: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Copies the request's kept tokens of one attention layer into
+        contiguous (K, V) of shape [tokens, kv_heads, head_dim], with their
+        token positions, for plain attention."""
+        st = self._state(request_id)
+        g = self.layer_group[layer]
+        if g.is_state or g.kind == "mla":
+            raise ValueError(f"layer {layer} is {g.kind}: gather applies to K/V attention layers")
+        k_all, v_all = self.layer_tensors(layer)
+        n = st.num_tokens if g.kind != "cross" else g.spec.max_tokens
+        positions, ks, vs = [], [], []
+        for i, b in enumerate(self.block_table(request_id, layer)):
+            if b is None:
+                continue
+            lo, hi = i * g.block_size, min((i + 1) * g.block_size, n)
+            if hi <= lo:
+                continue
+            ks.append(k_all[b, : hi - lo])
+            vs.append(v_all[b, : hi - lo])
+            positions.extend(range(lo, hi))
+        if not ks:
+            empty = k_all.new_empty((0, g.spec.kv_heads, g.spec.head_dim))
+            return empty, empty.clone(), []
+        return torch.cat(ks), torch.cat(vs), positions
+
+    # ---- lifetime -----------------------------------------------------------------------
+
+    def check(self) -> None:
+        """Asserts every invariant of the manager (tests call it after each step)."""
+        for m, bp in zip(self.managers, self.pools):
+            bp.check()
+            holders: dict[int, int] = {}
+            for rid, blocks in m.req_blocks.items():
+                assert rid in self.requests, f"blocks held for unknown request {rid}"
+                for b in blocks:
+                    if b is not None:
+                        holders[b] = holders.get(b, 0) + 1
+            for b, n in holders.items():
+                assert bp.ref[b] == n, f"group {m.group.group_id} block {b}: ref {bp.ref[b]}, held {n}"
+            assert sum(1 for r in bp.ref if r) == len(holders)
+
+    def close(self) -> None:
+        """Frees every request and gives all pages back to the pool."""
+        for rid in list(self.requests):
+            self.free(rid)
+        self._views.clear()
+        for space in self.spaces:
+            space.close()
+        self.spaces.clear()

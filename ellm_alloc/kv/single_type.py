@@ -1,0 +1,174 @@
+"""One manager per layer type: which blocks a request needs, which it may
+drop as tokens advance, what a prefix-cache hit of L blocks requires, and
+how much each cached block is worth keeping.
+
+Every manager keeps, per request, a positional list of block ids: entry i
+covers tokens [i*bs, (i+1)*bs), or None once it is out of the window.
+"""
+from __future__ import annotations
+
+from .block_pool import EVICT_OUT_OF_WINDOW, EVICT_PREFIX, EVICT_TAIL, GroupBlockPool
+from .layout import KVGroup
+
+
+class SingleTypeManager:
+    caches_prefix = True
+
+    def __init__(self, group: KVGroup, pool: GroupBlockPool):
+        self.group = group
+        self.pool = pool
+        self.bs = group.block_size
+        self.req_blocks: dict[str, list[int | None]] = {}
+
+    # -- what a request needs -----------------------------------------------------
+
+    def first_needed_block(self, num_tokens: int) -> int:
+        """Blocks before this index hold nothing the next token attends to."""
+        return self.group.spec.first_needed_token(num_tokens) // self.bs
+
+    def end_block(self, num_tokens: int) -> int:
+        """One past the last block a request of num_tokens needs."""
+        return -(-num_tokens // self.bs)
+
+    def num_new_blocks(self, request_id: str, num_tokens: int) -> int:
+        blocks = self.req_blocks.get(request_id, [])
+        start, end = self.first_needed_block(num_tokens), self.end_block(num_tokens)
+        return sum(1 for i in range(start, end) if i >= len(blocks) or blocks[i] is None)
+
+    def allocate(self, request_id: str, num_tokens: int) -> list[int]:
+        """Allocates the missing blocks for num_tokens (all or nothing); returns them."""
+        blocks = self.req_blocks.setdefault(request_id, [])
+        start, end = self.first_needed_block(num_tokens), self.end_block(num_tokens)
+        missing = [i for i in range(start, end) if i >= len(blocks) or blocks[i] is None]
+        new = self.pool.allocate(request_id, len(missing))
+        if len(blocks) < end:
+            blocks.extend([None] * (end - len(blocks)))
+        for i, b in zip(missing, new):
+            blocks[i] = b
+        return new
+
+    def remove_skipped(self, request_id: str, num_tokens: int, stream: int = 0) -> int:
+        """Releases blocks that fell out of the window; returns how many."""
+        blocks = self.req_blocks.get(request_id, [])
+        n = 0
+        for i in range(min(self.first_needed_block(num_tokens), len(blocks))):
+            if blocks[i] is not None:
+                self.pool.release(blocks[i], EVICT_OUT_OF_WINDOW, stream)
+                blocks[i] = None
+                n += 1
+        return n
+
+    # -- prefix caching --------------------------------------------------------------
+
+    def hit_valid(self, hashes: list[int], num_blocks: int) -> bool:
+        """Whether a hit of num_blocks full blocks gives this group what it needs."""
+        start = self.first_needed_block(num_blocks * self.bs)
+        return all(self.pool.lookup(hashes[i]) is not None for i in range(start, num_blocks))
+
+    def apply_hit(self, request_id: str, hashes: list[int], num_blocks: int) -> None:
+        """Takes the cached blocks a hit of num_blocks needs (raises PageReclaimed)."""
+        blocks = self.req_blocks.setdefault(request_id, [None] * num_blocks)
+        start = self.first_needed_block(num_blocks * self.bs)
+        for i in range(start, num_blocks):
+            b = self.pool.lookup(hashes[i])
+            self.pool.touch(b)
+            blocks[i] = b
+
+    def cache_blocks(self, request_id: str, hashes: list[int], num_tokens: int) -> None:
+        """Registers the request's full blocks in the prefix cache."""
+        blocks = self.req_blocks.get(request_id, [])
+        for i in range(min(num_tokens // self.bs, len(blocks), len(hashes))):
+            if blocks[i] is not None:
+                self.pool.cache(blocks[i], hashes[i])
+
+    def eviction_priority(self, index: int, prompt_blocks: int) -> int:
+        return EVICT_TAIL
+
+    # -- lifetime -------------------------------------------------------------------------
+
+    def free(self, request_id: str, prompt_blocks: int, stream: int = 0) -> None:
+        """Releases every block, tail first, so the tail is the older LRU entry."""
+        blocks = self.req_blocks.pop(request_id, [])
+        for i in range(len(blocks) - 1, -1, -1):
+            if blocks[i] is not None:
+                prio = self.eviction_priority(i, prompt_blocks) if self.caches_prefix else None
+                self.pool.release(blocks[i], prio, stream)
+        self.pool.forget_request(request_id)
+
+    def fork(self, parent: str, child: str) -> None:
+        """The child shares every block of the parent (one more holder each)."""
+        blocks = list(self.req_blocks.get(parent, []))
+        for b in blocks:
+            if b is not None:
+                self.pool.touch(b)
+        self.req_blocks[child] = blocks
+
+
+class FullAttentionManager(SingleTypeManager):
+    """Keeps every token; a hit is the leading run of cached blocks. Prompt
+    (prefix) blocks are the last to be evicted."""
+
+    def eviction_priority(self, index: int, prompt_blocks: int) -> int:
+        return EVICT_PREFIX if index < prompt_blocks else EVICT_TAIL
+
+
+class SlidingWindowManager(SingleTypeManager):
+    """Keeps the last W tokens; a hit needs the cached blocks covering the
+    window that ends at the hit."""
+
+
+class ChunkedLocalManager(SingleTypeManager):
+    """Keeps the current chunk of C tokens; a hit needs the blocks of the
+    chunk the hit ends in."""
+
+
+class MambaManager(SingleTypeManager):
+    """One state block per block_size tokens, of which only the latest two
+    are live (the current one and the one it was copied from); the older ones
+    stay cached, each holding the state at its block boundary. A hit of L
+    blocks needs the state saved at the end of block L-1."""
+
+    def first_needed_block(self, num_tokens: int) -> int:
+        return max(0, (num_tokens - 1) // self.bs - 1) if num_tokens else 0
+
+    def hit_valid(self, hashes: list[int], num_blocks: int) -> bool:
+        return num_blocks == 0 or self.pool.lookup(hashes[num_blocks - 1]) is not None
+
+    def apply_hit(self, request_id: str, hashes: list[int], num_blocks: int) -> None:
+        blocks = self.req_blocks.setdefault(request_id, [None] * num_blocks)
+        if num_blocks:
+            b = self.pool.lookup(hashes[num_blocks - 1])
+            self.pool.touch(b)
+            blocks[num_blocks - 1] = b
+
+
+class CrossAttentionManager(SingleTypeManager):
+    """A fixed number of encoder tokens per request, allocated at admission.
+    Not part of the token prefix: never constrains or takes a prefix hit."""
+
+    caches_prefix = False
+
+    def first_needed_block(self, num_tokens: int) -> int:
+        return 0
+
+    def end_block(self, num_tokens: int) -> int:
+        return -(-self.group.spec.max_tokens // self.bs)
+
+    def hit_valid(self, hashes: list[int], num_blocks: int) -> bool:
+        return True
+
+    def apply_hit(self, request_id: str, hashes: list[int], num_blocks: int) -> None:
+        self.req_blocks.setdefault(request_id, [])
+
+    def cache_blocks(self, request_id: str, hashes: list[int], num_tokens: int) -> None:
+        pass
+
+
+MANAGER_FOR_KIND = {
+    "full": FullAttentionManager,
+    "mla": FullAttentionManager,
+    "sliding": SlidingWindowManager,
+    "chunked": ChunkedLocalManager,
+    "mamba": MambaManager,
+    "cross": CrossAttentionManager,
+}

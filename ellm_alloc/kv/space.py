@@ -1,0 +1,132 @@
+"""PageSpace: a KV space's VA range of equal pages, backed by pool chunks.
+
+The Python face of csrc/kv_space.h. Pages are mapped and unmapped here; the
+pool may reclaim pages marked reclaimable without calling Python, and
+`take_reclaimed()` says which ones it took. Tensors over the range are
+zero-copy views: `torch.frombuffer` over the address on a host pool, the CUDA
+array interface on a CUDA pool. Their addresses never move while mapped.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from .. import _native as N
+from ..pool import Pool, raise_for_status
+
+UNMAPPED, PINNED, RECLAIMABLE = 0, 1, 2
+
+
+class _CudaRange:
+    """Exposes a device address range to torch through __cuda_array_interface__."""
+
+    def __init__(self, addr: int, nbytes: int, owner):
+        self._owner = owner  # keeps the space alive as long as a view exists
+        self.__cuda_array_interface__ = {
+            "shape": (nbytes,),
+            "typestr": "|u1",
+            "data": (addr, False),
+            "version": 3,
+            "strides": None,
+        }
+
+
+class PageSpace:
+    """`n_pages` pages of `page_bytes` (a multiple of the pool's chunk size)."""
+
+    def __init__(self, pool: Pool, name: str, page_bytes: int, n_pages: int):
+        handle = N.lib.ellm_kv_create(pool.handle, name.encode(), page_bytes, n_pages)
+        if not handle:
+            raise_for_status(N.last_status() or N.INVALID_ARGUMENT)
+        self._handle = handle
+        self.pool = pool  # the pool must outlive the space
+        self.name = name
+        self.page_bytes = page_bytes
+        self.n_pages = n_pages
+        self.base = N.lib.ellm_kv_base(handle)
+        self.owner = N.lib.ellm_kv_owner(handle)
+        self._bytes_view: torch.Tensor | None = None
+
+    @property
+    def handle(self) -> int:
+        if not self._handle:
+            raise ValueError(f"KV space {self.name} is closed")
+        return self._handle
+
+    def page_addr(self, page: int) -> int:
+        return self.base + page * self.page_bytes
+
+    def map(self, page: int) -> None:
+        """Maps chunks under `page`; raises OutOfMemoryError when the pool has none."""
+        raise_for_status(N.lib.ellm_kv_map(self.handle, page))
+
+    def unmap(self, page: int, stream: int = 0) -> None:
+        raise_for_status(N.lib.ellm_kv_unmap(self.handle, page, stream))
+
+    def set_reclaimable(self, page: int, priority: int, stream: int = 0) -> None:
+        raise_for_status(N.lib.ellm_kv_set_reclaimable(self.handle, page, priority, stream))
+
+    def pin(self, page: int) -> bool:
+        """True if the page is still mapped (now pinned); False if it was reclaimed."""
+        r = N.lib.ellm_kv_pin(self.handle, page)
+        if r < 0:
+            raise_for_status(-r)
+        return bool(r)
+
+    def state(self, page: int) -> int:
+        return N.lib.ellm_kv_state(self.handle, page)
+
+    def take_reclaimed(self) -> list[int]:
+        out: list[int] = []
+        buf = (ctypes.c_uint32 * 256)()
+        while True:
+            n = N.lib.ellm_kv_take_reclaimed(self.handle, buf, 256)
+            out.extend(buf[:n])
+            if n < 256:
+                return out
+
+    def reclaim(self, want_chunks: int) -> int:
+        return N.lib.ellm_kv_reclaim(self.handle, want_chunks)
+
+    def stats(self) -> dict[str, int]:
+        s = N.KvStats()
+        N.lib.ellm_kv_get_stats(self.handle, ctypes.byref(s))
+        return {name: getattr(s, name) for name, _ in s._fields_}
+
+    def bytes_view(self) -> torch.Tensor:
+        """A uint8 tensor over the whole VA range (touching unmapped pages faults)."""
+        if self._bytes_view is None:
+            nbytes = self.page_bytes * self.n_pages
+            if self.pool.backend == "host":
+                buf = (ctypes.c_char * nbytes).from_address(self.base)
+                self._keep = buf
+                self._bytes_view = torch.frombuffer(buf, dtype=torch.uint8)
+            else:
+                self._bytes_view = torch.as_tensor(
+                    _CudaRange(self.base, nbytes, self), device=f"cuda:{self.pool.device}"
+                )
+        return self._bytes_view
+
+    def view(self, dtype: torch.dtype, offset_bytes: int, size: tuple, stride: tuple) -> torch.Tensor:
+        """A strided tensor of `dtype` over the range, starting `offset_bytes` in."""
+        item = torch.empty((), dtype=dtype).element_size()
+        if offset_bytes % item:
+            raise ValueError(f"offset {offset_bytes} is not a multiple of {dtype}'s size {item}")
+        flat = self.bytes_view().view(dtype)
+        return flat.as_strided(size, stride, offset_bytes // item)
+
+    def close(self) -> int:
+        """Unmaps everything and releases the VA; returns pages that were still mapped."""
+        if not self._handle:
+            return 0
+        self._bytes_view = None
+        n = N.lib.ellm_kv_destroy(self._handle)
+        self._handle = None
+        return n
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
