@@ -485,7 +485,9 @@ void ellm_free(void* ptr, ssize_t size, int device, void* stream) {
     fprintf(stderr, "ellm_alloc: free(%p) on device %d: no pool owns this pointer\n", ptr, device);
     return;
   }
-  if (ellm_pool_free(p, ptr, reinterpret_cast<uintptr_t>(stream)) != kOk && g_thrower.load())
+  if (ellm_pool_free(p, ptr, reinterpret_cast<uintptr_t>(stream)) == kOk)
+    t_status = kOk;  // the status describes this call, not an earlier failure
+  else if (g_thrower.load())
     fprintf(stderr, "ellm_alloc: %s\n", t_error.c_str());
 }
 

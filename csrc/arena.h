@@ -429,7 +429,7 @@ class Arena {
   // retry, growing if needed; (2) wait for outstanding fences and retry.
   int place(size_t bytes, uint32_t si, uintptr_t* out) {
     for (int attempt = 0; attempt < 3; ++attempt) {
-      bool may_grow = attempt > 0 || !any_cached();
+      bool may_grow = attempt > 0 || (!any_cached() && fenced_splits_ == 0);
       Fence seg_fence;
       uintptr_t addr = take_range(bytes, si, &seg_fence);
       if (addr) {
@@ -441,8 +441,14 @@ class Arena {
         add_free(addr, bytes, seg_fence);  // undo the carve
         if (r != kOutOfMemory && r != kNeedGrowth) return r;
       }
-      if (attempt == 0) flush_all();
-      if (attempt == 1) wait_all_fences();
+      if (attempt == 0) {
+        flush_all();
+        coalesce_free();
+      }
+      if (attempt == 1) {
+        wait_all_fences();
+        coalesce_free();
+      }
     }
     ++st_.ooms;
     return kOutOfMemory;
@@ -501,12 +507,14 @@ class Arena {
     }
     if (need.empty()) return kOk;
 
-    // Chunks to move here from idle VA; their old fences must be done.
+    // Chunks to move here from idle VA. Their old fences must be done on
+    // every stream, including si: stream order covers reusing bytes, not
+    // unmapping the VA a queued kernel still reads through.
     std::vector<size_t> movable;
     for (size_t k = idle_.size(); k-- > 0 && movable.size() < need.size();) {
       size_t i = idle_[k];
       Slot& sl = slots_[i];
-      if (sl.idle && sl.chunk >= 0 && fence_done(sl.fence, si) &&
+      if (sl.idle && sl.chunk >= 0 && fence_done(sl.fence, kAnyStream) &&
           std::find(movable.begin(), movable.end(), i) == movable.end())
         movable.push_back(i);
     }
@@ -594,27 +602,83 @@ class Arena {
     add_free(addr, bytes, fence);
   }
 
-  // Inserts a free segment, coalescing with free neighbours (fences merge).
+  // Inserts a free segment, coalescing with free neighbours whose pending
+  // fences are on the same streams. Segments fenced differently stay apart:
+  // merging would spread one stream's fence over bytes other streams may use
+  // now (a small flushed block would poison the whole free VA behind it).
+  // Split pairs are counted and re-joined by coalesce_free() once their
+  // fences complete.
   void add_free(uintptr_t addr, size_t bytes, Fence fence) {
+    prune(fence);
     auto next = by_addr_.find(addr + bytes);
     if (next != by_addr_.end()) {
-      by_size_.erase({next->second.size, next->first});
-      bytes += next->second.size;
-      merge_fence(fence, next->second.fence);
-      by_addr_.erase(next);
+      if (joinable(fence, next->second.fence)) {
+        by_size_.erase({next->second.size, next->first});
+        bytes += next->second.size;
+        merge_fence(fence, next->second.fence);
+        by_addr_.erase(next);
+      } else {
+        ++fenced_splits_;
+      }
     }
     auto prev = by_addr_.lower_bound(addr);
     if (prev != by_addr_.begin()) {
       --prev;
       if (prev->first + prev->second.size == addr) {
-        by_size_.erase({prev->second.size, prev->first});
-        addr = prev->first;
-        bytes += prev->second.size;
-        merge_fence(fence, prev->second.fence);
-        by_addr_.erase(prev);
+        if (joinable(fence, prev->second.fence)) {
+          by_size_.erase({prev->second.size, prev->first});
+          addr = prev->first;
+          bytes += prev->second.size;
+          merge_fence(fence, prev->second.fence);
+          by_addr_.erase(prev);
+        } else {
+          ++fenced_splits_;
+        }
       }
     }
     insert_free(addr, bytes, std::move(fence));
+  }
+  // Drops completed entries, so a finished fence no longer blocks a merge.
+  void prune(Fence& f) {
+    f.erase(std::remove_if(f.begin(), f.end(),
+                           [&](const FenceEntry& e) { return stream_done(e.stream, e.seq); }),
+            f.end());
+  }
+  bool joinable(const Fence& a, Fence& b) {
+    prune(b);
+    if (a.size() != b.size()) return false;
+    for (const FenceEntry& x : a) {
+      bool found = false;
+      for (const FenceEntry& y : b) found |= x.stream == y.stream;
+      if (!found) return false;
+    }
+    return true;
+  }
+  // Re-joins free neighbours left apart by add_free whose fences have since
+  // completed. Slow path only: before the arena grows.
+  void coalesce_free() {
+    if (fenced_splits_ == 0) return;
+    fenced_splits_ = 0;
+    for (auto it = by_addr_.begin(); it != by_addr_.end();) {
+      auto next = std::next(it);
+      if (next == by_addr_.end()) break;
+      if (it->first + it->second.size != next->first) {
+        it = next;
+        continue;
+      }
+      prune(it->second.fence);
+      if (!joinable(it->second.fence, next->second.fence)) {
+        ++fenced_splits_;
+        it = next;
+        continue;
+      }
+      by_size_.erase({it->second.size, it->first});
+      by_size_.erase({next->second.size, next->first});
+      it->second.size += next->second.size;
+      merge_fence(it->second.fence, next->second.fence);
+      by_addr_.erase(next);
+      by_size_.insert({it->second.size, it->first});
+    }
   }
   void insert_free(uintptr_t addr, size_t bytes, Fence fence) {
     by_addr_[addr] = Seg{bytes, std::move(fence)};
@@ -756,6 +820,7 @@ class Arena {
   ArenaStats st_ = {};
   std::vector<std::unique_ptr<Stream>> streams_;
   uint32_t last_stream_ = 0;
+  size_t fenced_splits_ = 0;  // free neighbours kept apart by differing fences (an upper bound)
   size_t cached_blocks_ = 0;  // large blocks in live_ that are cached, not live
   PtrMap live_;  // live small objects (Slab*|1) and live or cached large blocks (Block*)
   std::unordered_map<uintptr_t, Fence> small_uses_;

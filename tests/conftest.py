@@ -1,0 +1,161 @@
+"""Shared fixtures for the CPU test suite (host backend: memfd chunks, real addresses).
+
+Every pool made through `pool` / `make_pool` is checked on teardown: its
+arena and ledger invariants hold (validate()) and closing it reports zero
+leaked blocks. Tests that deliberately leave blocks live close their pool
+themselves (a closed pool is skipped by the teardown check).
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+
+import pytest
+
+from ellm_alloc import Pool
+from ellm_alloc import _native as N
+
+KiB = 1 << 10
+MiB = 1 << 20
+CHUNK = 2 * MiB  # the host backend's granularity, the default chunk size
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.write.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
+_libc.write.restype = ctypes.c_ssize_t
+
+
+class Mem:
+    """Reads and writes pool memory through raw addresses.
+
+    The pattern byte at offset `o` of the block with tag `tag` is a function of
+    (tag, o) only, so overlapping samples of one block always agree and two
+    blocks (different tags) almost never do.
+    """
+
+    SPOT = 16  # bytes written at each sample spot
+
+    @staticmethod
+    def pattern(tag: int, offset: int, n: int) -> bytes:
+        seed = (tag * 0x9E3779B1 + 0x7F4A7C15) & 0xFFFFFFFF
+        return bytes(((seed >> ((o % 4) * 8)) ^ (o * 31) ^ (o >> 8)) & 0xFF for o in range(offset, offset + n))
+
+    @classmethod
+    def spots(cls, size: int) -> list[tuple[int, int]]:
+        """(offset, length) samples at the start, middle and end of a block of `size` bytes."""
+        n = min(cls.SPOT, size)
+        return sorted({(0, n), (max(0, size // 2 - n // 2), n), (size - n, n)})
+
+    @classmethod
+    def fill(cls, addr: int, size: int, tag: int) -> None:
+        for off, n in cls.spots(size):
+            ctypes.memmove(addr + off, cls.pattern(tag, off, n), n)
+
+    @classmethod
+    def intact(cls, addr: int, size: int, tag: int) -> bool:
+        return all(ctypes.string_at(addr + off, n) == cls.pattern(tag, off, n) for off, n in cls.spots(size))
+
+    _pipe: tuple[int, int] | None = None
+
+    @classmethod
+    def readable(cls, addr: int) -> bool:
+        """Whether the byte at `addr` is mapped and readable, without faulting:
+        write(2) from it into a pipe fails with EFAULT when it is not."""
+        if cls._pipe is None:
+            cls._pipe = os.pipe()
+        r, w = cls._pipe
+        if _libc.write(w, addr, 1) != 1:
+            return False
+        os.read(r, 1)
+        return True
+
+
+@pytest.fixture
+def mem():
+    return Mem
+
+
+def _is_open(p: Pool) -> bool:
+    try:
+        p.handle
+        return True
+    except ValueError:
+        return False
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    rep = yield
+    setattr(item, f"rep_{rep.when}", rep)
+    return rep
+
+
+@pytest.fixture
+def make_pool(request):
+    """Factory of host pools; on teardown each still-open pool must validate and close without leaks.
+
+    When the test itself failed the pools are just closed: its failure is the
+    report, not the blocks it left live on the way out."""
+    made: list[Pool] = []
+
+    def make(budget="64MiB", **kw) -> Pool:
+        p = Pool("cpu", budget=budget, **kw)
+        made.append(p)
+        return p
+
+    yield make
+    call = getattr(request.node, "rep_call", None)
+    check = call is not None and call.passed
+    for p in made:
+        if _is_open(p):
+            if not check:
+                p.close()
+                continue
+            p.validate()
+            leaked = p.close()
+            assert leaked == 0, f"pool closed with {leaked} live blocks"
+
+
+@pytest.fixture
+def pool(make_pool) -> Pool:
+    """A fresh 64 MiB host pool, checked on teardown (validate() and zero leaks)."""
+    return make_pool("64MiB")
+
+
+class Bound:
+    """A host pool bound to a device index, so the torch entry points
+    (ellm_malloc / ellm_free / ellm_record_stream) reach it."""
+
+    def __init__(self, pool: Pool, device: int):
+        self.pool = pool
+        self.device = device
+
+    def malloc(self, size: int, stream: int = 0) -> int:
+        return N.lib.ellm_malloc(size, self.device, stream or None) or 0
+
+    def free(self, ptr: int, size: int, stream: int = 0) -> None:
+        N.lib.ellm_free(ptr or None, size, self.device, stream or None)
+
+
+TORCH_DEVICE = 5  # the device index tests bind their host pools to
+
+
+@pytest.fixture
+def bind():
+    """bind(pool) routes the torch entry points for TORCH_DEVICE to `pool`; unbinds on teardown."""
+    bound = []
+
+    def do_bind(p: Pool, device: int = TORCH_DEVICE) -> Bound:
+        assert N.lib.ellm_bind_device(device, p.handle) == 0, N.last_error()
+        bound.append(device)
+        return Bound(p, device)
+
+    yield do_bind
+    for d in bound:
+        N.lib.ellm_bind_device(d, None)
+
+
+@pytest.fixture(autouse=True)
+def _no_thrower():
+    """ctypes callers need ellm_malloc to return NULL on failure, not throw a C++ exception."""
+    N.lib.ellm_set_oom_thrower(None)
+    yield
