@@ -397,6 +397,12 @@ class Arena {
   // ---- large blocks --------------------------------------------------------
 
   int malloc_large(size_t rs, uint32_t si, void** out) {
+    // A miss ends the run of sizes this stream's cache was serving: its
+    // blocks go back to the free index before placement, so they coalesce
+    // and best fit sees them. Keeping them cached across misses would pin
+    // bytes that a growing tensor (a DynamicCache's K/V) never asks for
+    // again, and cost chunks at the next peak.
+    if (streams_[si]->cached_bytes) flush_stream(si);
     uintptr_t addr;
     int r = place(rs, si, &addr);
     if (r != kOk) return r;
@@ -429,6 +435,8 @@ class Arena {
   // retry, growing if needed; (2) wait for outstanding fences and retry.
   int place(size_t bytes, uint32_t si, uintptr_t* out) {
     for (int attempt = 0; attempt < 3; ++attempt) {
+      // While caches or fenced splits hide free bytes, try without taking
+      // chunks from the pool first (the arena's idle chunks may move).
       bool may_grow = attempt > 0 || (!any_cached() && fenced_splits_ == 0);
       Fence seg_fence;
       uintptr_t addr = take_range(bytes, si, &seg_fence);
@@ -458,19 +466,25 @@ class Arena {
 
   bool any_cached() const { return st_.cached_bytes > 0; }
 
-  // Best fit among free segments this stream may use now. Among the first
-  // few fits, one whose chunks are all mapped wins (no driver calls).
+  // Placement: best fit, except that physical memory, not VA, is what a
+  // placement costs. Among the smallest few segments this stream may use
+  // now, take the one whose bytes land on the fewest VA chunks no live byte
+  // uses yet (each new one costs a chunk, idle or from the pool); ties go to
+  // the smaller segment. Blocks go at a segment's low end: placing at the
+  // high end as well was measured to fragment more on growing-KV traces.
   uintptr_t take_range(size_t bytes, uint32_t si, Fence* fence_out) {
-    auto it = by_size_.lower_bound({bytes, 0});
-    std::set<std::pair<size_t, uintptr_t>>::iterator chosen = by_size_.end();
-    for (int seen = 0; it != by_size_.end() && seen < 8; ++it) {
-      const Seg& seg = by_addr_.at(it->second);
-      if (!fence_done(seg.fence, si)) continue;
+    constexpr int kCandidates = 16;
+    auto chosen = by_size_.end();
+    size_t chosen_cost = SIZE_MAX;
+    int seen = 0;
+    for (auto it = by_size_.lower_bound({bytes, 0}); it != by_size_.end() && seen < kCandidates; ++it) {
+      if (!fence_done(by_addr_.at(it->second).fence, si)) continue;
       ++seen;
-      if (chosen == by_size_.end()) chosen = it;
-      if (unmapped_under(it->second, bytes) == 0) {
+      size_t cost = unused_under(it->second, bytes);
+      if (cost < chosen_cost) {
         chosen = it;
-        break;
+        chosen_cost = cost;
+        if (cost == 0) break;
       }
     }
     if (chosen == by_size_.end()) return 0;
@@ -484,10 +498,10 @@ class Arena {
     return addr;
   }
 
-  size_t unmapped_under(uintptr_t addr, size_t bytes) const {
+  // VA chunks under [addr, addr+bytes) that no live or cached byte uses.
+  size_t unused_under(uintptr_t addr, size_t bytes) const {
     size_t n = 0;
-    for (size_t i = slot_of(addr), e = slot_of(addr + bytes - 1); i <= e; ++i)
-      n += slots_[i].chunk < 0;
+    for (size_t i = slot_of(addr), e = slot_of(addr + bytes - 1); i <= e; ++i) n += slots_[i].users == 0;
     return n;
   }
   size_t slot_of(uintptr_t a) const { return (a - base_) / chunk_; }

@@ -1,9 +1,12 @@
-"""python -m ellm_alloc.bench {replay,hotpath,gpu} [--json]
+"""python -m ellm_alloc.bench {replay,hotpath,kv,gpu} [--json]
 
 replay TRACE   replays an allocation trace through the arena on a host pool and,
-               side by side, through a model of torch's caching allocator.
+               side by side, through models of plain VA-first best fit and of
+               torch's caching allocator.
 hotpath        times cached malloc/free pairs inside C, ours and glibc's, on
                the same size mix in the same run.
+kv             a request workload through the KV manager, a max-page-size
+               baseline and a static per-type partition, side by side.
 gpu            (CUDA only) ours vs torch native vs expandable_segments.
 
 With --json the last line printed is one JSON object with every figure.
@@ -20,6 +23,7 @@ from pathlib import Path
 from ..config import human, parse_size
 from ..pool import Pool
 from . import trace as tr
+from .best_fit_model import BestFitModel
 from .torch_model import TorchCachingModel
 
 
@@ -51,6 +55,7 @@ def replay(path: str, budget: int | None = None, chunk_size: int | None = None,
         pool.free(p, s)
     leaked = pool.close()
     torch_peak = TorchCachingModel().replay(events)
+    best_fit_peak = BestFitModel(st["chunk_bytes"]).replay(events)
     out = {
         "trace": str(path),
         "events": len(events),
@@ -59,6 +64,8 @@ def replay(path: str, budget: int | None = None, chunk_size: int | None = None,
         "fragmentation": st["reserved_peak"] / peak if peak else 1.0,
         "torch_caching_model_peak_reserved_bytes": torch_peak,
         "torch_caching_model_fragmentation": torch_peak / peak if peak else 1.0,
+        "best_fit_model_peak_mapped_bytes": best_fit_peak,
+        "best_fit_model_fragmentation": best_fit_peak / peak if peak else 1.0,
         "chunk_bytes": st["chunk_bytes"],
         "fast_path_allocs": st["fast_allocs"],
         "allocs": st["num_allocs"],
@@ -125,6 +132,8 @@ def _print_replay(r: dict) -> None:
     print(f"trace {r['trace']}: {r['events']} events, replayed in {r['wall_s']:.3f} s")
     print(f"  peak live requested   {human(r['peak_live_requested_bytes']):>12}")
     print(f"  peak mapped (ellm)    {human(r['peak_mapped_bytes']):>12}   fragmentation {r['fragmentation']:.4f}")
+    print(f"  plain best fit (model){human(r['best_fit_model_peak_mapped_bytes']):>12}"
+          f"   fragmentation {r['best_fit_model_fragmentation']:.4f}")
     print(f"  torch caching (model) {human(r['torch_caching_model_peak_reserved_bytes']):>12}"
           f"   fragmentation {r['torch_caching_model_fragmentation']:.4f}")
     print(f"  allocs {r['allocs']} (fast path {r['fast_path_allocs']}), chunk maps {r['chunk_maps']}, "
@@ -145,10 +154,36 @@ def main(argv: list[str] | None = None) -> int:
     hp.add_argument("--iters", type=int, default=20000)
     hp.add_argument("--repeats", type=int, default=5)
     hp.add_argument("--json", action="store_true")
+    kp = sub.add_parser("kv", help="KV utilisation: ellm vs max-page vs static partition")
+    src = kp.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="preset name (see ellm_alloc.kv.presets)")
+    src.add_argument("--spec", help="model spec JSON (schema in the README)")
+    kp.add_argument("--workload", action="append", help="workload JSON (default: every shipped one)")
+    kp.add_argument("--budget", default="16GiB", help="KV pool budget (default 16GiB)")
+    kp.add_argument("--block-size", type=int, default=16)
+    kp.add_argument("--json", action="store_true")
     gp = sub.add_parser("gpu", help="GPU tier: ours vs native vs expandable_segments (needs CUDA)")
     gp.add_argument("--out", help="write the report JSON here (e.g. benchmarks/results/gpu_allocator.json)")
     gp.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+
+    if args.cmd == "kv":
+        from ..kv.presets import get_preset
+        from ..kv.spec import ModelKVSpec
+        from . import kv as kvbench
+
+        model = get_preset(args.model) if args.model else ModelKVSpec.from_json(args.spec)
+        workloads = args.workload or sorted(str(p) for p in kvbench.WORKLOADS.glob("*.json"))
+        if not workloads:
+            ap.error("no workload given and none shipped under benchmarks/workloads/")
+        reports = []
+        for w in workloads:
+            r = kvbench.run(model, w, parse_size(args.budget, "budget"), args.block_size)
+            kvbench.print_report(r)
+            reports.append(r)
+        if args.json:
+            print(json.dumps(reports[0] if len(reports) == 1 else {"reports": reports}))
+        return 0
 
     if args.cmd == "gpu":
         from .gpu import run

@@ -1,0 +1,151 @@
+"""The benchmark front ends: trace parsing, replay figures on the shipped
+traces and on generated ones, and the --json contract (last line is one JSON
+object). Placement quality is a property of the arena, not a timing, so the
+fragmentation bounds are checked here; timings only in the benchmarks."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from ellm_alloc.bench import __main__ as bench
+from ellm_alloc.bench import trace as tr
+
+TRACES = sorted((Path(__file__).parent.parent / "benchmarks" / "traces").glob("*.trace"))
+REALISTIC = [t for t in TRACES if not t.name.startswith("random")]
+MiB = 1 << 20
+
+
+def test_traces_are_shipped():
+    names = {t.stem for t in TRACES}
+    assert {"hf_generate_dynamic", "long_prefill_decode", "mixed_batches", "moe_mix", "random_two_stream"} <= names
+
+
+@pytest.mark.parametrize("trace", REALISTIC, ids=lambda p: p.stem)
+def test_realistic_trace_fragmentation_at_most_1_01(trace):
+    r = bench.replay(trace)
+    assert r["leaked_blocks"] == 0
+    assert r["fragmentation"] <= 1.01, r
+    # The arena holds at least what is live: a ratio below 1 would mean a broken ledger.
+    assert r["peak_mapped_bytes"] >= r["peak_live_requested_bytes"]
+
+
+def test_random_two_stream_trace_fragmentation_at_most_1_04():
+    r = bench.replay(next(t for t in TRACES if t.stem == "random_two_stream"))
+    assert 1.0 <= r["fragmentation"] <= 1.04, r
+
+
+def _random_trace(path: Path, seed: int, events: int = 6000) -> Path:
+    """Random sizes (log-uniform 512 B .. 64 MiB), random lifetimes, two streams."""
+    rng = random.Random(seed)
+    live: list[int] = []
+    lines, nid = [], 0
+    for _ in range(events):
+        if live and (rng.random() < 0.5 or len(live) > 200):
+            lines.append(f"f {live.pop(rng.randrange(len(live)))}")
+        else:
+            size = int(2 ** rng.uniform(9, 26))
+            lines.append(f"a {nid} {size} {rng.randrange(2)}")
+            live.append(nid)
+            nid += 1
+    lines += [f"f {i}" for i in live]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_generated_random_trace_keeps_the_best_fit_advantage(tmp_path, seed):
+    """Slabs, per-stream caches and fences must not cost placement quality:
+    the arena stays within 2 points of plain VA-first best fit (both vary by
+    about that much from one random trace to the next), far below torch's."""
+    r = bench.replay(_random_trace(tmp_path / f"r{seed}.trace", seed))
+    assert r["leaked_blocks"] == 0
+    assert r["fragmentation"] <= r["best_fit_model_fragmentation"] + 0.02, r
+    assert r["fragmentation"] <= 1.05, r
+    assert r["fragmentation"] < r["torch_caching_model_fragmentation"], r
+
+
+def _kv_growth_trace(path: Path, layers: int = 32, per_token: int = 8192, prompt: int = 1024,
+                     steps: int = 128) -> Path:
+    """HF DynamicCache decode: every layer's K and V re-allocated one token larger
+    each step (torch.cat), plus the step's activations. Defaults: Llama-3-8B's
+    K/V (8 kv heads x 128 dim, bf16) at batch 4 after a 1024-token prompt."""
+    lines, nid = [], 0
+    kv = {}
+    for step in range(steps):
+        for layer in range(layers):
+            act = nid
+            nid += 1
+            lines.append(f"a {act} {4 * 4096 * 2 * 3}")  # q/k/v projections of the new token
+            for half in range(2):
+                lines.append(f"a {nid} {per_token * (prompt + step + 1)}")
+                if (layer, half) in kv:
+                    lines.append(f"f {kv[(layer, half)]}")
+                kv[(layer, half)] = nid
+                nid += 1
+            lines.append(f"f {act}")
+        lines.append(f"a {nid} {4 * 128256 * 4}")  # logits
+        lines.append(f"f {nid}")
+        nid += 1
+    lines += [f"f {i}" for i in kv.values()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_generated_kv_growth_trace_fragmentation_at_most_1_01(tmp_path):
+    r = bench.replay(_kv_growth_trace(tmp_path / "kv.trace"))
+    assert r["fragmentation"] <= 1.01, r
+    assert r["fast_path_allocs"] > 0  # same-size K/V of successive layers are served from the cache
+
+
+@pytest.mark.parametrize("text, match", [
+    ("a 1 100\na 1 200\n", "allocated while still live"),
+    ("f 3\n", "not live"),
+    ("a 1 0\n", "size must be > 0"),
+    ("a 1 -5\n", "size must be > 0"),
+    ("x 1 2\n", "expected 'a ID BYTES"),
+    ("a one 100\n", "invalid literal"),
+    ("a 1 100 2 9\n", "expected 'a ID BYTES"),
+])
+def test_malformed_trace_names_the_line(tmp_path, text, match):
+    p = tmp_path / "bad.trace"
+    p.write_text("# header\n" + text)
+    with pytest.raises(tr.TraceError, match=match) as e:
+        tr.parse(p)
+    assert "bad.trace:" in str(e.value)
+
+
+def test_comments_and_blank_lines_are_ignored(tmp_path):
+    p = tmp_path / "ok.trace"
+    p.write_text("# c\n\na 1 4096 1  # on stream 1\nf 1\n")
+    assert tr.parse(p) == [tr.Event("a", 1, 4096, 1), tr.Event("f", 1)]
+
+
+def test_replay_cli_json_is_the_last_line(tmp_path, capsys):
+    p = _random_trace(tmp_path / "t.trace", seed=9, events=400)
+    assert bench.main(["replay", str(p), "--json"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    r = json.loads(out[-1])
+    for key in ("peak_live_requested_bytes", "peak_mapped_bytes", "fragmentation", "events", "wall_s",
+                "best_fit_model_fragmentation", "torch_caching_model_fragmentation"):
+        assert key in r
+    assert any("fragmentation" in line for line in out[:-1])  # the human report comes first
+
+
+def test_replay_cli_rejects_a_bad_trace(tmp_path, capsys):
+    p = tmp_path / "bad.trace"
+    p.write_text("f 1\n")
+    assert bench.main(["replay", str(p)]) == 2
+    assert "not live" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["replay", str(tmp_path / "missing.trace")])
+
+
+def test_hotpath_cli_json_reports_both_allocators(capsys):
+    assert bench.main(["hotpath", "--iters", "200", "--repeats", "1", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r["ns_per_pair_ellm"] > 0 and r["ns_per_pair_glibc"] > 0
+    assert r["ratio_to_glibc"] == pytest.approx(r["ns_per_pair_ellm"] / r["ns_per_pair_glibc"], rel=0.01)
+    assert r["fast_path_fraction"] > 0.9  # the decode-step mix is served from the caches
