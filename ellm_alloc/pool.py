@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
+import weakref
 
 from . import _native as N
 from .config import Budget, human, parse_budget, parse_size
@@ -67,6 +68,7 @@ class Pool:
         self.backend = backend
         self.device = index
         self._reclaim_callbacks: dict[int, object] = {}  # keep ctypes callbacks alive
+        self._dependents: weakref.WeakSet = weakref.WeakSet()  # KV spaces drawing on this pool
         self._lock = threading.Lock()
 
     @classmethod
@@ -218,6 +220,10 @@ class Pool:
         if not self._handle or not self._owned:
             self._handle = None
             return 0
+        # KV spaces use the pool's backend and chunks: they go first, or their
+        # own teardown would later run on a destroyed pool.
+        for space in list(self._dependents):
+            space.close()
         leaked = N.lib.ellm_pool_destroy(self._handle)
         self._handle = None
         return leaked

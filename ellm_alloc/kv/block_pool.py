@@ -8,9 +8,12 @@ reclaimable in C++, so the torch arena can take it without calling Python;
 `sync()` learns which pages were taken and forgets their cached blocks.
 
 Placement is request-aware (Jenga): a request's blocks go to large pages
-opened for it first, then to a fresh page from the pool, then to free slots
-anywhere, and only then is a cached block evicted. A request's pages then
-empty out together when it finishes.
+opened for it first, then to free slots anywhere, then to a fresh page from
+the pool, and only then is a cached block evicted. Free slots go before fresh
+pages because here a fresh page is not free: it is memory the torch arena
+could use. Pages that end up sparsely used anyway (their other requests
+finished) are packed by compaction: live blocks move into the free slots of
+fuller pages and the emptied pages go back to the pool.
 """
 from __future__ import annotations
 
@@ -53,6 +56,7 @@ class GroupBlockPool:
         self.leftovers: set[int] = set()  # mapped pages with a free slot
         self.req_pages: dict[str, list[int]] = {}  # pages opened for a request
         self.evictions = 0
+        self.max_pages: int | None = None  # a static partition's fixed size (benchmark baseline)
 
     # ---- mapping to the C++ side ---------------------------------------------
 
@@ -110,12 +114,12 @@ class GroupBlockPool:
         for page in reversed(own):
             if self.page_free.get(page):
                 return self._take_slot(page)
+        if self.leftovers:
+            page = min(self.leftovers)  # deterministic; low pages fill first
+            return self._take_slot(page)
         page = self._fresh_page()
         if page is not None:
             own.append(page)
-            return self._take_slot(page)
-        if self.leftovers:
-            page = min(self.leftovers)  # deterministic; low pages fill first
             return self._take_slot(page)
         b = self._evict_one()
         if b is None:
@@ -123,7 +127,7 @@ class GroupBlockPool:
         return self._take_slot(b // self.ratio, slot=b % self.ratio)
 
     def _fresh_page(self) -> int | None:
-        if not self.unmapped:
+        if not self.unmapped or (self.max_pages is not None and self.mapped_pages() >= self.max_pages):
             return None
         page = self.unmapped[-1]
         try:
@@ -163,6 +167,52 @@ class GroupBlockPool:
                 self.evictions += 1
                 return b
         return None
+
+    # ---- compaction ----------------------------------------------------------------
+
+    def plan_compaction(self) -> list[tuple[int, int]]:
+        """Moves (live block, destination page) that empty the sparsest partly
+        used pages into the free slots of the fullest ones. Only pages with no
+        cached block take part, so the prefix cache is left as it is."""
+        partly = [p for p, free in self.page_free.items()
+                  if free and self.page_live[p] and not self.page_cached[p]]
+        partly.sort(key=lambda p: (self.page_live[p], p))
+        slots = {p: len(self.page_free[p]) for p in partly}
+        moves: list[tuple[int, int]] = []
+        lo, hi = 0, len(partly) - 1
+        while lo < hi:
+            src = partly[lo]
+            if sum(slots[partly[k]] for k in range(lo + 1, hi + 1)) < self.page_live[src]:
+                break  # the rest cannot empty another page
+            for b in self._page_blocks(src):
+                if self.ref[b] == 0:
+                    continue
+                while slots[partly[hi]] == 0:
+                    hi -= 1
+                moves.append((b, partly[hi]))
+                slots[partly[hi]] -= 1
+            lo += 1
+        return moves
+
+    def move_block(self, src: int, dst_page: int, copy) -> int:
+        """Moves live block src into a free slot of dst_page: copy(src, dst)
+        moves the bytes, then src's holders, hash and slot pass to dst. The
+        caller rewrites block tables. Returns dst."""
+        dst = self._take_slot(dst_page)
+        copy(src, dst)
+        self.ref[dst] = self.ref[src]
+        h = self.block_hash.pop(src, None)
+        if h is not None:
+            self.block_hash[dst] = h
+            if self.cached.get(h) == src:
+                self.cached[h] = dst
+        page = src // self.ratio
+        self.ref[src] = 0
+        self.page_live[page] -= 1
+        self.page_free[page].append(src % self.ratio)
+        self.leftovers.add(page)
+        self._page_changed(page)
+        return dst
 
     def evict(self, n: int) -> int:
         """Evicts up to n cached blocks (pages left empty go back to the pool)."""

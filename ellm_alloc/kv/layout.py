@@ -2,10 +2,19 @@
 
 Layers with the same spec form a group. A group's small page holds one block
 of `block_size` tokens for every layer of the group (or one request's state,
-for Mamba). The large page is lcm(chunk, every group's small page): the unit
-mapped from the pool, carved into small pages of one group. When that lcm is
-too large, the odd small pages are padded up (to a multiple of a power of two
-large enough to bring the lcm within the limit) and the padding is reported.
+for Mamba). A large page is the unit mapped from the pool and carved into
+small pages of one group: lcm(chunk, the group's small page), made of whole
+chunks mapped contiguously.
+
+Why per group and not one lcm over all groups, as in Jenga: Jenga needs one
+large-page size so that pages can move between groups inside a static pool.
+Here groups exchange memory through the chunk pool itself, so each group's
+large page only has to be a multiple of the chunk. Taking the lcm over every
+group only makes some groups' pages larger than they need to be (Gemma-3's
+1 MiB global blocks would sit in 10 MiB pages), which costs memory whenever
+a request leaves a page partly filled. When a group's lcm is still too large,
+its small page is padded up (to a multiple of the smallest power of two that
+brings the lcm within the limit) and the padding is reported.
 
 Inside a small page the bytes are laid out [layer][K, V][token][head][dim], so
 one layer's K for one block is dense (kernels read it in one sweep) and every
@@ -29,6 +38,12 @@ class KVGroup:
     block_size: int  # tokens per block (1 "block" = one request's state for Mamba)
     small_page_bytes: int  # what the block needs
     padded_small_bytes: int  # what it occupies (>= small_page_bytes)
+    large_page_bytes: int  # lcm(chunk, padded_small_bytes)
+
+    @property
+    def ratio(self) -> int:
+        """Small pages per large page."""
+        return self.large_page_bytes // self.padded_small_bytes
 
     @property
     def kind(self) -> str:
@@ -64,25 +79,29 @@ class KVGroup:
 class PageLayout:
     groups: tuple[KVGroup, ...]
     chunk_bytes: int
-    large_page_bytes: int
     max_large_page_bytes: int
     notes: tuple[str, ...] = field(default=())
 
     def ratio(self, group: KVGroup) -> int:
         """Small pages per large page of this group."""
-        return self.large_page_bytes // group.padded_small_bytes
+        return group.ratio
+
+    @property
+    def large_page_bytes(self) -> int:
+        """The largest large page of any group."""
+        return max(g.large_page_bytes for g in self.groups)
 
     @property
     def padding_fraction(self) -> dict[int, float]:
         return {g.group_id: g.padding_bytes / g.padded_small_bytes for g in self.groups}
 
     def describe(self) -> str:
-        lines = [f"large page {self.large_page_bytes} B ({self.large_page_bytes // self.chunk_bytes} chunks)"]
+        lines = [f"{len(self.groups)} groups, chunk {self.chunk_bytes} B"]
         for g in self.groups:
             pad = f", padded +{g.padding_bytes} B" if g.padding_bytes else ""
             lines.append(
                 f"  group {g.group_id}: {g.kind} x{len(g.layers)} layers, small page {g.small_page_bytes} B"
-                f"{pad}, {self.ratio(g)} per large page"
+                f"{pad}, large page {g.large_page_bytes} B ({g.ratio} small pages)"
             )
         return "\n".join(lines + [f"  note: {n}" for n in self.notes])
 
@@ -106,9 +125,12 @@ def _pad_to_fit(small: int, chunk: int, limit: int) -> int:
 
 
 def plan_layout(model: ModelKVSpec, block_size: int, chunk_bytes: int,
-                max_large_page_bytes: int | None = None) -> PageLayout:
+                max_large_page_bytes: int | None = None, uniform_pages: bool = False) -> PageLayout:
     """Groups the model's layers and sizes the pages. Raises ValueError when a
-    small page cannot fit in any large page within the limit."""
+    small page cannot fit in any large page within the limit.
+
+    uniform_pages pads every group's page to the largest one: the single
+    page size of engines without two-level pages (a benchmark baseline)."""
     if block_size <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")
     if chunk_bytes <= 0:
@@ -134,20 +156,20 @@ def plan_layout(model: ModelKVSpec, block_size: int, chunk_bytes: int,
             )
         raw.append((spec, tuple(layers), small))
     notes = []
-    padded = {small: small for _, _, small in raw}
-    large = chunk_bytes
-    for small in sorted(padded):
-        large = math.lcm(large, small)
-    if large > limit:
-        # Pad the odd ones out, largest first, until the common lcm fits.
-        large = chunk_bytes
-        for small in sorted(padded, reverse=True):
-            p = _pad_to_fit(small, large, limit)
-            padded[small] = p
-            large = math.lcm(large, p)
-        notes.append(f"lcm of the small pages exceeded {limit} B; odd small pages padded")
-    groups = tuple(
-        KVGroup(gid, spec, layers, block_size, small, padded[small])
-        for gid, (spec, layers, small) in enumerate(raw)
-    )
-    return PageLayout(groups, chunk_bytes, large, limit, tuple(notes))
+    if uniform_pages:
+        biggest = max(small for _, _, small in raw)
+        large = math.lcm(chunk_bytes, biggest)
+        if large > limit:
+            raise ValueError(f"uniform page {biggest} B needs a {large} B large page, over {limit} B")
+        groups = tuple(KVGroup(gid, spec, layers, block_size, small, biggest, large)
+                       for gid, (spec, layers, small) in enumerate(raw))
+        return PageLayout(groups, chunk_bytes, limit, ("every page padded to the largest",))
+    groups = []
+    for gid, (spec, layers, small) in enumerate(raw):
+        padded = _pad_to_fit(small, chunk_bytes, limit)
+        if padded != small:
+            notes.append(f"group {gid}: small page {small} B padded to {padded} B to keep its large page "
+                         f"within {limit} B")
+        groups.append(KVGroup(gid, spec, tuple(layers), block_size, small, padded,
+                              math.lcm(chunk_bytes, padded)))
+    return PageLayout(tuple(groups), chunk_bytes, limit, tuple(notes))

@@ -71,25 +71,41 @@ class KVCacheManager:
         name: str = "kv",
         capacity_bytes: int | None = None,
         max_cached_fraction: float = 0.05,
+        uniform_pages: bool = False,
+        static_shares: dict[int, float] | None = None,
+        compact: bool = True,
     ):
+        """compact: when freeing leaves large pages sparsely used, move live
+        blocks together so whole pages return to the pool (block ids of
+        running requests change; read block tables after every call).
+
+        uniform_pages, static_shares and compact=False turn the manager into
+        the baselines of `bench kv`: one padded page size for every group
+        (engines without two-level pages), and a fixed share of the budget per
+        group, held whether used or not (a static per-type partition)."""
         chunk = pool.stats()["chunk_bytes"]
         self.pool = pool
         self.model = model
         self.block_size = block_size
-        self.layout: PageLayout = plan_layout(model, block_size, chunk, max_large_page_bytes)
+        self.layout: PageLayout = plan_layout(model, block_size, chunk, max_large_page_bytes, uniform_pages)
         self.enable_prefix_caching = enable_prefix_caching
         self.max_cached_fraction = max_cached_fraction
         capacity = capacity_bytes or pool.stats()["budget_bytes"]
-        n_large = capacity // self.layout.large_page_bytes + 1  # VA only: every group may hold it all
         self.spaces: list[PageSpace] = []
         self.pools: list[GroupBlockPool] = []
         self.managers: list[SingleTypeManager] = []
         for g in self.layout.groups:
-            space = PageSpace(pool, f"{name}.g{g.group_id}.{g.kind}", self.layout.large_page_bytes, n_large)
+            n_large = capacity // g.large_page_bytes + 1  # VA only: any group may hold the whole budget
+            space = PageSpace(pool, f"{name}.g{g.group_id}.{g.kind}", g.large_page_bytes, n_large)
             bp = GroupBlockPool(space, self.layout, g)
+            if static_shares is not None:
+                bp.max_pages = int(capacity * static_shares.get(g.group_id, 0.0)) // g.large_page_bytes
             self.spaces.append(space)
             self.pools.append(bp)
             self.managers.append(MANAGER_FOR_KIND[g.kind](g, bp))
+        self.static = static_shares is not None
+        self.compact_enabled = compact
+        self.stats_blocks_moved = 0
         self.requests: dict[str, RequestState] = {}
         self.layer_group = {layer: g for g in self.layout.groups for layer in g.layers}
         self._views: dict[int, tuple[torch.Tensor, ...]] = {}
@@ -149,15 +165,12 @@ class KVCacheManager:
         self._check_capacity(request_id, num_new_tokens)
         self.sync()
         needed = self.num_blocks_needed(request_id, num_new_tokens)
-        pages_short = 0
+        chunks_short = 0
         for n, bp in zip(needed, self.pools):
             spare = bp.num_free_slots() + bp.num_evictable()
             if n > spare:
-                pages_short += -(-(n - spare) // bp.ratio)
-        if pages_short == 0:
-            return True
-        chunks_per_page = self.layout.large_page_bytes // self.layout.chunk_bytes
-        return pages_short * chunks_per_page <= self.pool.available_chunks(self.spaces[0].owner)
+                chunks_short += -(-(n - spare) // bp.ratio) * (bp.group.large_page_bytes // self.layout.chunk_bytes)
+        return chunks_short == 0 or chunks_short <= self.pool.available_chunks(self.spaces[0].owner)
 
     def allocate_slots(self, request_id: str, num_new_tokens: int, new_token_ids: list[int] | None = None,
                        stream: int = 0) -> bool:
@@ -200,6 +213,8 @@ class KVCacheManager:
             m.free(request_id, prompt_blocks, stream)
         del self.requests[request_id]
         self._trim_cache(stream)
+        if self.compact_enabled:
+            self.compact(min_free_fraction=0.02, stream=stream)
 
     def fork(self, parent_id: str, child_id: str) -> None:
         """The child shares the parent's blocks (copy-on-write: the child's
@@ -224,6 +239,34 @@ class KVCacheManager:
             m.req_blocks[child_id] = shared
         self.requests[child_id] = child
 
+    def compact(self, min_free_fraction: float = 0.0, stream: int = 0) -> int:
+        """Packs live blocks of sparsely used large pages into free slots of
+        fuller ones, so the emptied pages go back to the pool. A group is
+        packed only when its free slots exceed min_free_fraction of its mapped
+        slots. Returns the blocks moved; their ids change in every block table."""
+        self.sync()
+        moved = 0
+        for g, bp, m, space in zip(self.layout.groups, self.pools, self.managers, self.spaces):
+            if bp.ratio < 2 or bp.num_free_slots() <= min_free_fraction * bp.mapped_pages() * bp.ratio:
+                continue
+            moves = bp.plan_compaction()
+            if not moves:
+                continue
+            data = space.bytes_view()
+            step, n = g.padded_small_bytes, g.small_page_bytes
+
+            def copy(src: int, dst: int) -> None:
+                data[dst * step:dst * step + n].copy_(data[src * step:src * step + n])
+
+            new_id = {src: bp.move_block(src, dst_page, copy) for src, dst_page in moves}
+            for blocks in m.req_blocks.values():
+                for i, b in enumerate(blocks):
+                    if b in new_id:
+                        blocks[i] = new_id[b]
+            moved += len(moves)
+        self.stats_blocks_moved += moved
+        return moved
+
     def _drop_request_blocks(self, request_id: str) -> None:
         for m in self.managers:
             for b in m.req_blocks.pop(request_id, []):
@@ -231,8 +274,8 @@ class KVCacheManager:
                     m.pool.release(b, None)
 
     def _trim_cache(self, stream: int = 0) -> None:
-        """Deflates the prefix cache to max_cached_fraction of the KV bytes:
-        cached-only pages are memory no live token needs."""
+        """Deflates the prefix cache to max_cached_fraction of the live bytes
+        (per group): a cached block holds a slot no live token needs."""
         live = sum(bp.live_blocks() * bp.group.padded_small_bytes for bp in self.pools)
         for bp in self.pools:
             excess = bp.num_evictable() * bp.group.padded_small_bytes - self.max_cached_fraction * max(live, 1)
@@ -284,7 +327,9 @@ class KVCacheManager:
         return total
 
     def mapped_bytes(self) -> int:
-        return sum(bp.mapped_pages() for bp in self.pools) * self.layout.large_page_bytes
+        """Bytes held for the KV cache: mapped pages, or the whole partition when static."""
+        return sum((bp.max_pages if self.static else bp.mapped_pages()) * bp.group.large_page_bytes
+                   for bp in self.pools)
 
     def usage(self) -> dict:
         groups = []
@@ -296,7 +341,8 @@ class KVCacheManager:
                 "small_page_bytes": g.small_page_bytes,
                 "padding_bytes": g.padding_bytes,
                 "mapped_pages": bp.mapped_pages(),
-                "mapped_bytes": bp.mapped_pages() * self.layout.large_page_bytes,
+                "large_page_bytes": g.large_page_bytes,
+                "mapped_bytes": bp.mapped_pages() * g.large_page_bytes,
                 "live_blocks": bp.live_blocks(),
                 "cached_blocks": bp.num_evictable(),
                 "free_slots": bp.num_free_slots(),
@@ -304,12 +350,12 @@ class KVCacheManager:
             })
         mapped = self.mapped_bytes()
         return {
-            "large_page_bytes": self.layout.large_page_bytes,
             "mapped_bytes": mapped,
             "live_bytes_needed": self.live_bytes_needed(),
             "utilisation": self.live_bytes_needed() / mapped if mapped else 1.0,
             "requests": len(self.requests),
             "prefix_hit_rate": self.stats_hit_tokens / self.stats_query_tokens if self.stats_query_tokens else 0.0,
+            "blocks_moved_by_compaction": self.stats_blocks_moved,
             "groups": groups,
         }
 

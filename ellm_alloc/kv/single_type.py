@@ -19,6 +19,7 @@ class SingleTypeManager:
         self.pool = pool
         self.bs = group.block_size
         self.req_blocks: dict[str, list[int | None]] = {}
+        self.num_cached: dict[str, int] = {}  # leading blocks already offered to the prefix cache
 
     # -- what a request needs -----------------------------------------------------
 
@@ -75,11 +76,14 @@ class SingleTypeManager:
             blocks[i] = b
 
     def cache_blocks(self, request_id: str, hashes: list[int], num_tokens: int) -> None:
-        """Registers the request's full blocks in the prefix cache."""
+        """Registers the request's newly full blocks in the prefix cache."""
         blocks = self.req_blocks.get(request_id, [])
-        for i in range(min(num_tokens // self.bs, len(blocks), len(hashes))):
+        start = self.num_cached.get(request_id, 0)
+        end = min(num_tokens // self.bs, len(blocks), len(hashes))
+        for i in range(start, end):
             if blocks[i] is not None:
                 self.pool.cache(blocks[i], hashes[i])
+        self.num_cached[request_id] = max(start, end)
 
     def eviction_priority(self, index: int, prompt_blocks: int) -> int:
         return EVICT_TAIL
@@ -89,6 +93,7 @@ class SingleTypeManager:
     def free(self, request_id: str, prompt_blocks: int, stream: int = 0) -> None:
         """Releases every block, tail first, so the tail is the older LRU entry."""
         blocks = self.req_blocks.pop(request_id, [])
+        self.num_cached.pop(request_id, None)
         for i in range(len(blocks) - 1, -1, -1):
             if blocks[i] is not None:
                 prio = self.eviction_priority(i, prompt_blocks) if self.caches_prefix else None

@@ -41,6 +41,7 @@ class PageSpace:
             raise_for_status(N.last_status() or N.INVALID_ARGUMENT)
         self._handle = handle
         self.pool = pool  # the pool must outlive the space
+        pool._dependents.add(self)  # ... and closes it first when closed explicitly
         self.name = name
         self.page_bytes = page_bytes
         self.n_pages = n_pages

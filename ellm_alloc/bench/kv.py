@@ -1,0 +1,207 @@
+"""`bench kv`: a request workload through the KV manager and two baselines.
+
+The same workload (arrival step, prompt length, output length, optional
+shared-prefix id) runs through a continuous-batching loop three times, each
+on a fresh host pool with the same budget:
+
+  ellm         two-level pages, elastic (chunks mapped as used)
+  max-page     every group padded to the largest page (single page size), elastic
+  static       two-level pages, but a fixed share of the budget per group,
+               held whether used or not (a static per-type partition)
+
+Figures per allocator: KV utilisation (bytes the live tokens need / bytes
+held for KV) averaged over steps and at the step of peak need; the peak
+number of concurrent requests; the prefix-cache hit rate (cached prompt
+tokens / prompt tokens, over admissions); preemptions.
+
+Workload JSON:
+  {"name": str, "requests": [{"arrival": int, "prompt": int, "output": int,
+    "prefix": str | null, "prefix_len": int}]}
+`prefix`/`prefix_len`: the first prefix_len prompt tokens are shared by every
+request naming the same prefix.
+"""
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..pool import Pool
+
+WORKLOADS = Path(__file__).resolve().parents[2] / "benchmarks" / "workloads"
+
+
+@dataclass
+class WorkItem:
+    index: int
+    arrival: int
+    prompt: list[int]
+    output: list[int]
+    extra_keys: tuple
+
+
+def load_workload(path: str | Path, vocab: int = 32000) -> tuple[str, list[WorkItem]]:
+    """Reads a workload JSON and makes its token ids (deterministic)."""
+    with open(path) as f:
+        doc = json.load(f)
+    if not isinstance(doc, dict) or not isinstance(doc.get("requests"), list) or not doc["requests"]:
+        raise ValueError(f"{path}: expected {{'name': ..., 'requests': [...]}} with at least one request")
+    items = []
+    prefixes: dict[str, list[int]] = {}
+    for i, r in enumerate(doc["requests"]):
+        try:
+            arrival, plen, olen = int(r["arrival"]), int(r["prompt"]), int(r["output"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{path}: request {i} needs integer 'arrival', 'prompt' and 'output': {r}") from None
+        if plen < 1 or olen < 1 or arrival < 0:
+            raise ValueError(f"{path}: request {i}: prompt and output must be >= 1, arrival >= 0: {r}")
+        rng = random.Random(i * 7919 + 1)
+        prefix = r.get("prefix")
+        shared: list[int] = []
+        if prefix is not None:
+            plen_shared = min(int(r.get("prefix_len", 0)), plen - 1)
+            if prefix not in prefixes:
+                prng = random.Random(f"prefix:{prefix}")
+                prefixes[prefix] = [prng.randrange(vocab) for _ in range(max(plen_shared, 1))]
+            shared = prefixes[prefix][:plen_shared]
+            if len(shared) < plen_shared:  # a longer use of the same prefix extends it
+                prng = random.Random(f"prefix:{prefix}:{len(prefixes[prefix])}")
+                prefixes[prefix] += [prng.randrange(vocab) for _ in range(plen_shared - len(shared))]
+                shared = prefixes[prefix][:plen_shared]
+        prompt = shared + [rng.randrange(vocab) for _ in range(plen - len(shared))]
+        output = [rng.randrange(vocab) for _ in range(olen)]
+        items.append(WorkItem(i, arrival, prompt, output, (f"image{i}",)))
+    return doc.get("name", Path(path).stem), sorted(items, key=lambda w: (w.arrival, w.index))
+
+
+def static_shares(model, items: list[WorkItem]) -> dict[int, float]:
+    """A static split sized for the workload's mean request: each group gets
+    the share of bytes a mean-length request needs in it."""
+    from ..kv.layout import plan_layout
+
+    mean_len = sum(len(w.prompt) + len(w.output) for w in items) // len(items)
+    layout = plan_layout(model, 16, 2 << 20)
+    need = {g.group_id: g.spec.live_bytes(mean_len) * len(g.layers) for g in layout.groups}
+    total = sum(need.values()) or 1
+    return {gid: n / total for gid, n in need.items()}
+
+
+def run_one(model, items: list[WorkItem], budget: int, mode: str, block_size: int = 16,
+            progress: bool = False) -> dict:
+    from ..kv.manager import KVCacheManager
+
+    pool = Pool("cpu", budget=budget)
+    kwargs = {}
+    if mode == "max-page":
+        kwargs.update(uniform_pages=True, compact=False)
+    elif mode == "static":
+        kwargs.update(static_shares=static_shares(model, items), compact=False)
+    mgr = KVCacheManager(model, pool, block_size=block_size, name=f"kv.{mode}", **kwargs)
+    waiting = deque(items)
+    running: dict[str, list] = {}  # rid -> [item, generated]
+    order: list[str] = []  # admission order, for preemption
+    step = 0
+    util_sum = util_steps = 0.0
+    peak_held = peak_need = peak_util = 0.0
+    hit_tokens = prompt_tokens = 0
+    peak_running = preemptions = 0
+    t0 = time.perf_counter()
+    while waiting or running:
+        # Admit arrived requests in order while they fit (head-of-line blocking, as FIFO schedulers do).
+        while waiting and waiting[0].arrival <= step:
+            w = waiting[0]
+            rid = f"r{w.index}"
+            hit = mgr.add_request(rid, w.prompt, w.extra_keys)
+            if not mgr.allocate_slots(rid, len(w.prompt) - hit):
+                mgr.free(rid)
+                if not running:
+                    raise ValueError(f"request {w.index} ({len(w.prompt)} prompt tokens) does not fit "
+                                     f"the budget of {budget} bytes even alone")
+                break
+            waiting.popleft()
+            hit_tokens += hit
+            prompt_tokens += len(w.prompt)
+            running[rid] = [w, 0]
+            order.append(rid)
+        # One decode step: every running request produces one token.
+        for rid in list(running):
+            if rid not in running:
+                continue
+            w, gen = running[rid]
+            while not mgr.allocate_slots(rid, 1, [w.output[gen]]):
+                victim = order.pop()  # preempt the newest; it starts over later
+                vw, _ = running.pop(victim)
+                mgr.free(victim)
+                waiting.appendleft(vw)
+                preemptions += 1
+                if victim == rid:
+                    break
+            if rid not in running:
+                continue
+            running[rid][1] += 1
+            if running[rid][1] == len(w.output):
+                mgr.free(rid)
+                del running[rid]
+                order.remove(rid)
+        held = mgr.mapped_bytes()
+        peak_held = max(peak_held, held)
+        if running and held:
+            need = mgr.live_bytes_needed()
+            util_sum += need / held
+            util_steps += 1
+            if need >= peak_need:
+                peak_need, peak_util = need, need / held
+        peak_running = max(peak_running, len(running))
+        step += 1
+        if progress and step % 200 == 0:
+            print(f"\r  {mode:>8}: step {step}, running {len(running)}, waiting {len(waiting)}",
+                  end="", file=sys.stderr, flush=True)
+        if step > 10_000_000:
+            raise RuntimeError("workload does not finish")
+    if progress:
+        print("\r" + " " * 60 + "\r", end="", file=sys.stderr, flush=True)
+    usage = mgr.usage()
+    mgr.close()
+    pool.validate()
+    pool.close()
+    return {
+        "allocator": mode,
+        "utilisation_time_avg": util_sum / util_steps if util_steps else 0.0,
+        "utilisation_at_peak": peak_util,
+        "peak_held_bytes": int(peak_held),
+        "peak_concurrent_requests": peak_running,
+        "prefix_hit_rate": hit_tokens / prompt_tokens if prompt_tokens else 0.0,
+        "preemptions": preemptions,
+        "steps": step,
+        "large_page_bytes_per_group": [g["large_page_bytes"] for g in usage["groups"]],
+        "padding_bytes_per_group": [g["padding_bytes"] for g in usage["groups"]],
+        "wall_s": round(time.perf_counter() - t0, 3),
+    }
+
+
+def run(model, workload_path: str | Path, budget: int, block_size: int = 16, progress: bool = True) -> dict:
+    name, items = load_workload(workload_path)
+    results = [run_one(model, items, budget, mode, block_size, progress) for mode in ("ellm", "max-page", "static")]
+    return {
+        "model": model.name,
+        "workload": name,
+        "requests": len(items),
+        "budget_bytes": budget,
+        "block_size": block_size,
+        "results": results,
+    }
+
+
+def print_report(r: dict) -> None:
+    print(f"model {r['model']}, workload {r['workload']} ({r['requests']} requests), "
+          f"budget {r['budget_bytes'] / 2**30:.1f} GiB, block {r['block_size']} tokens")
+    print(f"  {'allocator':>9} {'util avg':>9} {'util@peak':>9} {'peak reqs':>9} {'hit rate':>8} "
+          f"{'preempt':>7} {'steps':>6}")
+    for x in r["results"]:
+        print(f"  {x['allocator']:>9} {x['utilisation_time_avg']:9.3f} {x['utilisation_at_peak']:9.3f} "
+              f"{x['peak_concurrent_requests']:9d} {x['prefix_hit_rate']:8.3f} {x['preemptions']:7d} "
+              f"{x['steps']:6d}")
