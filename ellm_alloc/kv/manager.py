@@ -217,26 +217,46 @@ class KVCacheManager:
             self.compact(min_free_fraction=0.02, stream=stream)
 
     def fork(self, parent_id: str, child_id: str) -> None:
-        """The child shares the parent's blocks (copy-on-write: the child's
-        next allocation gives it fresh blocks for anything it writes)."""
+        """The child continues from the parent's exact state (beam search,
+        parallel sampling). Full blocks are shared copy-on-write: nobody writes
+        them again. The blocks still being written (the partial last block, a
+        Mamba layer's current state) are copied into fresh blocks of the
+        child's. The child has the parent's length, so its windows need the
+        same blocks the parent kept. All or nothing: OutOfMemoryError leaves
+        no trace."""
         parent = self._state(parent_id)
         if child_id in self.requests:
             raise ValueError(f"request {child_id!r} is already known")
         self.sync()
-        # Share only full blocks: the partial last block would be written by both.
-        full = parent.num_tokens // self.block_size
-        child = RequestState(child_id, list(parent.token_ids[:full * self.block_size]), parent.extra_keys,
-                             num_tokens=full * self.block_size, prompt_len=parent.prompt_len,
-                             hashes=list(parent.hashes[:full]))
-        for m in self.managers:
-            blocks = m.req_blocks.get(parent_id, [])
-            shared = list(blocks[:full])
-            if isinstance(m, MANAGER_FOR_KIND["cross"]):
-                shared = list(blocks)
-            for b in shared:
-                if b is not None:
-                    m.pool.touch(b)
-            m.req_blocks[child_id] = shared
+        n = parent.num_tokens
+        full = n // self.block_size
+        child = RequestState(child_id, list(parent.token_ids[:n]), parent.extra_keys, num_tokens=n,
+                             prompt_len=parent.prompt_len, hashes=list(parent.hashes[:full]))
+        done: list[SingleTypeManager] = []
+        try:
+            for m, space in zip(self.managers, self.spaces):
+                blocks = list(m.req_blocks.get(parent_id, []))
+                m.req_blocks[child_id] = [None] * len(blocks)
+                done.append(m)
+                share_below = len(blocks) if isinstance(m, MANAGER_FOR_KIND["cross"]) else full
+                written = [i for i in range(share_below, len(blocks)) if blocks[i] is not None]
+                fresh = m.pool.allocate(child_id, len(written))
+                step, size = m.group.padded_small_bytes, m.group.small_page_bytes
+                data = space.bytes_view() if written else None
+                for i, b in zip(written, fresh):
+                    data[b * step:b * step + size].copy_(data[blocks[i] * step:blocks[i] * step + size])
+                    m.req_blocks[child_id][i] = b
+                for i in range(min(share_below, len(blocks))):
+                    if blocks[i] is not None:
+                        m.pool.touch(blocks[i])
+                        m.req_blocks[child_id][i] = blocks[i]
+        except (NoFreeBlocks, PageReclaimed):
+            for m in done:
+                for b in m.req_blocks.pop(child_id, []):
+                    if b is not None:
+                        m.pool.release(b, None)
+                m.pool.forget_request(child_id)
+            raise OutOfMemoryError(f"fork of {parent_id!r}: no room for the blocks being written") from None
         self.requests[child_id] = child
 
     def compact(self, min_free_fraction: float = 0.0, stream: int = 0) -> int:

@@ -1,0 +1,161 @@
+"""plan_layout: grouping of layers by spec, small / large page sizes, padding, limits."""
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ellm_alloc.kv import (
+    ChunkedLocalSpec, FullAttentionSpec, MambaSpec, MLASpec, ModelKVSpec, SlidingWindowSpec, plan_layout,
+)
+
+KiB, MiB = 1 << 10, 1 << 20
+CHUNK = 2 * MiB
+
+FULL = FullAttentionSpec(2, 64, "bfloat16")  # 512 B/token
+SLIDE = SlidingWindowSpec(2, 64, "bfloat16", window=128)
+CHUNKED = ChunkedLocalSpec(4, 32, "float32", chunk_size=64)  # 1024 B/token
+MAMBA = MambaSpec(dtype="float32", conv_shape=(4, 8), ssm_shape=(8, 16))  # (32 + 128) * 4 = 640 B
+MLA = MLASpec(kv_lora_rank=512, rope_dim=64)
+
+
+def test_layers_of_one_spec_form_one_group_in_first_appearance_order():
+    model = ModelKVSpec("m", (FULL, SLIDE, FULL, MAMBA, SLIDE, FullAttentionSpec(2, 64, "bf16"), CHUNKED))
+    lay = plan_layout(model, 16, CHUNK)
+    assert [g.spec for g in lay.groups] == [FULL, SLIDE, MAMBA, CHUNKED]
+    assert [g.layers for g in lay.groups] == [(0, 2, 5), (1, 4), (3,), (6,)]
+    assert [g.group_id for g in lay.groups] == [0, 1, 2, 3]
+    # A different window is a different spec, hence a different group.
+    lay2 = plan_layout(ModelKVSpec("m", (SLIDE, SlidingWindowSpec(2, 64, "bfloat16", window=64))), 16, CHUNK)
+    assert len(lay2.groups) == 2
+
+
+# (spec, layers, block_size, small page bytes): block_size x bytes/token x layers, or the state x layers.
+SMALL_ROWS = [
+    (FULL, 1, 16, 16 * 512),
+    (FULL, 3, 16, 3 * 16 * 512),
+    (SLIDE, 2, 32, 2 * 32 * 512),
+    (CHUNKED, 1, 8, 8 * 1024),
+    (MAMBA, 1, 16, 640),
+    (MAMBA, 3, 64, 3 * 640),  # independent of block_size
+    (MLA, 2, 16, 2 * 16 * 576 * 2 * MLA.bytes_per_token() // (576 * 2)),
+]
+
+
+@pytest.mark.parametrize("spec,n,bs,small", SMALL_ROWS)
+def test_small_page_bytes(spec, n, bs, small):
+    lay = plan_layout(ModelKVSpec("m", (spec,) * n), bs, CHUNK)
+    (g,) = lay.groups
+    assert g.small_page_bytes == small
+    assert g.padded_small_bytes == small  # all of these fit without padding
+    assert g.large_page_bytes == math.lcm(CHUNK, small)
+    assert g.ratio == g.large_page_bytes // small
+    assert lay.notes == ()
+
+
+# (spec, layers, block_size, limit, padded small page, large page)
+PAD_ROWS = [
+    # 24 KiB = 3 * 8 KiB: lcm with 2 MiB is 6 MiB; fits a 32 MiB limit, not a 4 MiB one.
+    (FULL, 3, 16, 32 * MiB, 24 * KiB, 6 * MiB),
+    (FULL, 3, 16, 4 * MiB, 32 * KiB, 2 * MiB),
+    # 640 B = 5 * 128 B: lcm is 10 MiB.
+    (MAMBA, 1, 16, 16 * MiB, 640, 10 * MiB),
+    (MAMBA, 1, 16, 8 * MiB, 768, 6 * MiB),  # 768 = 3 * 256: lcm 6 MiB
+    # 3 * 640 = 1920 = 15 * 128: lcm 30 MiB.
+    (MAMBA, 3, 16, 16 * MiB, 2 * KiB, 2 * MiB),
+    # A small page larger than the chunk: 3 MiB -> lcm 6 MiB.
+    (FullAttentionSpec(8, 128, "float32"), 3, 128, 8 * MiB, 3 * MiB, 6 * MiB),
+    (FullAttentionSpec(8, 128, "float32"), 3, 128, 4 * MiB, 4 * MiB, 4 * MiB),
+]
+
+
+@pytest.mark.parametrize("spec,n,bs,limit,padded,large", PAD_ROWS)
+def test_padding_only_when_the_lcm_exceeds_the_limit(spec, n, bs, limit, padded, large):
+    lay = plan_layout(ModelKVSpec("m", (spec,) * n), bs, CHUNK, max_large_page_bytes=limit)
+    (g,) = lay.groups
+    assert (g.padded_small_bytes, g.large_page_bytes) == (padded, large)
+    assert g.large_page_bytes <= limit and g.large_page_bytes % CHUNK == 0
+    if padded != g.small_page_bytes:
+        assert g.padding_bytes == padded - g.small_page_bytes
+        assert len(lay.notes) == 1 and "group 0" in lay.notes[0] and str(limit) in lay.notes[0]
+        assert lay.padding_fraction[0] == pytest.approx(g.padding_bytes / padded)
+    else:
+        assert lay.notes == () and g.padding_bytes == 0
+
+
+def test_large_pages_are_per_group():
+    model = ModelKVSpec("m", (FULL, FULL, FULL, MAMBA))
+    lay = plan_layout(model, 16, CHUNK)
+    full, mamba = lay.groups
+    assert full.large_page_bytes == 6 * MiB and mamba.large_page_bytes == 10 * MiB
+    assert lay.large_page_bytes == 10 * MiB
+
+
+@given(kv_heads=st.integers(1, 8), head_dim=st.sampled_from([8, 24, 40, 64, 80, 96, 128, 192]),
+       layers=st.integers(1, 6), bs=st.sampled_from([1, 4, 16, 48, 64]),
+       limit_chunks=st.integers(1, 16))
+@settings(max_examples=150, deadline=None)
+def test_padding_properties(kv_heads, head_dim, layers, bs, limit_chunks):
+    spec = FullAttentionSpec(kv_heads, head_dim, "bfloat16")
+    limit = limit_chunks * CHUNK
+    small = bs * spec.bytes_per_token() * layers
+    model = ModelKVSpec("m", (spec,) * layers)
+    if small > limit:
+        with pytest.raises(ValueError, match=str(limit)):
+            plan_layout(model, bs, CHUNK, max_large_page_bytes=limit)
+        return
+    (g,) = plan_layout(model, bs, CHUNK, max_large_page_bytes=limit).groups
+    assert g.small_page_bytes == small
+    assert g.large_page_bytes == math.lcm(CHUNK, g.padded_small_bytes) <= limit
+    assert g.large_page_bytes % g.padded_small_bytes == 0
+    if math.lcm(CHUNK, small) <= limit:
+        assert g.padded_small_bytes == small
+    else:
+        # Padded to a multiple of a power of two, less than double.
+        assert small < g.padded_small_bytes < 2 * small
+        q = g.padded_small_bytes & -g.padded_small_bytes
+        assert g.padded_small_bytes == -(-small // q) * q
+
+
+def test_block_larger_than_any_large_page_names_the_limit():
+    model = ModelKVSpec("m", (FullAttentionSpec(8, 128, "float32"),) * 2)  # 8 KiB/token
+    with pytest.raises(ValueError, match=r"33554432 B.*block_size \(now 4096\)"):
+        plan_layout(model, 4096, CHUNK)  # 64 MiB block, default limit 16 chunks
+    with pytest.raises(ValueError, match="4194304"):
+        plan_layout(model, 512, CHUNK, max_large_page_bytes=4 * MiB)  # 8 MiB block
+
+
+def test_no_padding_fits_names_the_limit():
+    # With a 3 MiB chunk and a 5 MiB limit only divisors of 3 MiB fit; rounding
+    # 1.5 MiB + 1 KiB up to a power-of-two multiple never gives one (2 or 4 MiB at best).
+    model = ModelKVSpec("m", (FullAttentionSpec(1, 8, "float32"),))  # 64 B/token
+    with pytest.raises(ValueError, match=f"at most {5 * MiB} B"):
+        plan_layout(model, (3 * MiB // 2 + 1024) // 64, 3 * MiB, max_large_page_bytes=5 * MiB)
+    # 1 MiB + 1 KiB does fit: padded to 1.5 MiB = 3 * 512 KiB, a divisor of the chunk.
+    (g,) = plan_layout(model, (MiB + 1024) // 64, 3 * MiB, max_large_page_bytes=5 * MiB).groups
+    assert (g.padded_small_bytes, g.large_page_bytes) == (3 * MiB // 2, 3 * MiB)
+
+
+def test_limit_below_a_chunk_and_bad_sizes():
+    model = ModelKVSpec("m", (FULL,))
+    with pytest.raises(ValueError, match="smaller than one chunk"):
+        plan_layout(model, 16, CHUNK, max_large_page_bytes=MiB)
+    with pytest.raises(ValueError, match="block_size"):
+        plan_layout(model, 0, CHUNK)
+    with pytest.raises(ValueError, match="chunk_bytes"):
+        plan_layout(model, 16, 0)
+
+
+def test_uniform_pages_pad_every_group_to_the_largest():
+    model = ModelKVSpec("m", (FULL, FULL, MAMBA, SLIDE))
+    lay = plan_layout(model, 16, CHUNK, uniform_pages=True)
+    biggest = 2 * 16 * 512
+    assert [g.small_page_bytes for g in lay.groups] == [biggest, 640, 16 * 512]
+    assert all(g.padded_small_bytes == biggest for g in lay.groups)
+    assert all(g.large_page_bytes == math.lcm(CHUNK, biggest) for g in lay.groups)
+    assert lay.groups[1].padding_bytes == biggest - 640
+    assert lay.notes
+    with pytest.raises(ValueError, match=str(4 * MiB)):
+        plan_layout(ModelKVSpec("m", (FULL,) * 3), 16, CHUNK, max_large_page_bytes=4 * MiB, uniform_pages=True)

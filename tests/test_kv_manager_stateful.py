@@ -1,0 +1,334 @@
+"""Stateful property test of KVCacheManager on a small host pool.
+
+Hypothesis drives admit (add_request + allocate_slots of the prompt), extend
+(decode tokens with their ids), free, fork, evict and arena pressure (torch
+arena mallocs from the same pool, then frees) over a mixed model of full,
+sliding-window and Mamba layers, and after every step checks:
+
+* the manager's own invariants (mgr.check(): refcounts equal the holders);
+* a block held by two requests is shared legitimately: same position in both
+  block tables, a full block, and the same token prefix up to its end (what
+  a fork or a prefix-cache hit shares);
+* every token written into a request's blocks (a value derived from its
+  token prefix, its position, the layer and K/V) reads back intact through
+  layer_tensors() + block_table() and through gather(); every Mamba state
+  block holds the state of its prefix;
+* the torch arena's blocks written under pressure are intact;
+* the ledger: each KV space's owner holds exactly its mapped pages x chunks
+  per page, owners plus free chunks make up the created chunks, the pool
+  validates; after sync() the manager's mapped pages equal the C++ side's;
+* teardown: closing the manager and freeing the arena leaves every chunk
+  free and pool.close() reports no leaked block.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule, run_state_machine_as_test
+
+from ellm_alloc import OutOfMemoryError, Pool
+from ellm_alloc.kv import FullAttentionSpec, KVCacheManager, MambaSpec, ModelKVSpec, SlidingWindowSpec
+
+from conftest import Mem
+
+MiB = 1 << 20
+BS = 8
+WINDOW = 12
+F32 = "float32"
+# Pages: full 2 layers x 8 tokens x 8 KiB = 128 KiB (16 per chunk), sliding
+# 64 KiB (32 per chunk), Mamba state 32 KiB (64 per chunk): 16 chunks fill fast.
+MODEL = ModelKVSpec("mixed-tiny", (
+    FullAttentionSpec(4, 256, F32),
+    SlidingWindowSpec(4, 256, F32, window=WINDOW),
+    FullAttentionSpec(4, 256, F32),
+    MambaSpec(dtype=F32, conv_shape=(16, 64), ssm_shape=(112, 64)),
+))
+TOKEN_LAYERS = (0, 1, 2)
+SPOT_DIMS = [0, 255]  # dims of each head written and checked
+MAMBA_LAYER = 3
+BASES = ([1, 2, 3, 4] * 20, [7, 5, 3, 1, 0] * 16)
+
+
+def _prefix_hashes(tokens: list[int], seed: int) -> list[int]:
+    """ph[p]: a 20-bit hash of (extra keys, tokens[:p+1])."""
+    out, h = [], seed
+    for t in tokens:
+        h = (h * 1000003 + t + 1) % (1 << 20)
+        out.append(h)
+    return out
+
+
+def _value(ph: int, layer: int, kv: int) -> float:
+    return float(((ph * 8 + layer * 2 + kv) % (1 << 23)) + 1)  # exact in float32
+
+
+class Req:
+    def __init__(self, tokens: list[int], seed: int):
+        self.tokens = list(tokens)  # tokens with a KV slot (num_tokens of them)
+        self.seed = seed
+        self.ph = _prefix_hashes(self.tokens, seed)
+
+    def extend(self, toks: list[int]) -> None:
+        h = self.ph[-1] if self.ph else self.seed
+        for t in toks:
+            h = (h * 1000003 + t + 1) % (1 << 20)
+            self.ph.append(h)
+        self.tokens.extend(toks)
+
+
+class KVMachine(RuleBasedStateMachine):
+    def __init__(self):
+        super().__init__()
+        self.pool = Pool("cpu", budget="32MiB")
+        self.chunk = self.pool.stats()["chunk_bytes"]
+        self.mgr = KVCacheManager(MODEL, self.pool, block_size=BS, max_cached_fraction=0.5)
+        self.reqs: dict[str, Req] = {}
+        self.arena: dict[int, tuple[int, int]] = {}  # ptr -> (size, tag)
+        self.counter = 0
+
+    # ---- writing the model's data ------------------------------------------------
+
+    def _write(self, rid: str, lo: int, hi: int) -> None:
+        """Writes positions [lo, hi) of every token layer and the Mamba states."""
+        r = self.reqs[rid]
+        for layer in TOKEN_LAYERS:
+            bt = self.mgr.block_table(rid, layer)
+            pos = [p for p in range(lo, hi) if p // BS < len(bt) and bt[p // BS] is not None]
+            if not pos:
+                continue
+            b_idx = torch.tensor([bt[p // BS] for p in pos])
+            s_idx = torch.tensor([p % BS for p in pos])
+            for kv, t in enumerate(self.mgr.layer_tensors(layer)):
+                vals = torch.tensor([_value(r.ph[p], layer, kv) for p in pos], dtype=torch.float32)
+                # Sample spots of each token's [heads, dim] slice: first and last dim of every head.
+                for d in SPOT_DIMS:
+                    t[b_idx, s_idx, :, d] = vals[:, None].expand(-1, t.shape[2])
+        self._write_states(rid)
+
+    def _write_states(self, rid: str) -> None:
+        r = self.reqs[rid]
+        n = len(r.tokens)
+        (states,) = self.mgr.layer_tensors(MAMBA_LAYER)
+        for i, b in enumerate(self.mgr.block_table(rid, MAMBA_LAYER)):
+            if b is None or n == 0:
+                continue
+            end = min(n, (i + 1) * BS)
+            states[b, :8] = torch.tensor([r.ph[end - 1]], dtype=torch.int64).view(torch.uint8)
+
+    def _new_id(self) -> str:
+        self.counter += 1
+        return f"r{self.counter}"
+
+    # ---- rules ---------------------------------------------------------------------
+
+    @rule(base=st.sampled_from([0, 1]), keep=st.integers(0, 60), suffix=st.lists(st.integers(0, 9), max_size=12),
+          extra=st.sampled_from([(), ("img", 1)]))
+    def admit(self, base, keep, suffix, extra):
+        prompt = BASES[base][:keep] + suffix
+        if not prompt:
+            prompt = [0]
+        rid = self._new_id()
+        hit = self.mgr.add_request(rid, prompt, extra_keys=extra)
+        assert 0 <= hit < len(prompt) and hit % BS == 0, (hit, len(prompt))
+        seed = 1 if extra else 0
+        self.reqs[rid] = Req(prompt[:hit], seed)
+        before = self.mgr.usage()
+        if self.mgr.allocate_slots(rid, len(prompt) - hit):
+            self.reqs[rid].extend(prompt[hit:])
+            self._write(rid, hit, len(prompt))
+        else:
+            after = self.mgr.usage()
+            # The failed allocation took nothing: no live block, no mapped page more.
+            for g0, g1 in zip(before["groups"], after["groups"]):
+                assert g1["live_blocks"] == g0["live_blocks"], (g0, g1)
+            self.mgr.free(rid)
+            del self.reqs[rid]
+
+    @precondition(lambda self: self.reqs)
+    @rule(data=st.data(), toks=st.lists(st.integers(0, 9), min_size=1, max_size=10))
+    def extend(self, data, toks):
+        rid = data.draw(st.sampled_from(sorted(self.reqs)))
+        n = len(self.reqs[rid].tokens)
+        if self.mgr.allocate_slots(rid, len(toks), new_token_ids=toks):
+            self.reqs[rid].extend(toks)
+            self._write(rid, n, n + len(toks))
+        else:
+            assert self.mgr.requests[rid].num_tokens == n
+
+    @precondition(lambda self: self.reqs)
+    @rule(data=st.data())
+    def free(self, data):
+        rid = data.draw(st.sampled_from(sorted(self.reqs)))
+        self.mgr.free(rid)
+        del self.reqs[rid]
+
+    @precondition(lambda self: self.reqs)
+    @rule(data=st.data())
+    def fork(self, data):
+        parent = data.draw(st.sampled_from(sorted(self.reqs)))
+        child = self._new_id()
+        try:
+            self.mgr.fork(parent, child)
+        except OutOfMemoryError:
+            assert child not in self.mgr.requests  # all or nothing
+            return
+        p = self.reqs[parent]
+        full = len(p.tokens) // BS
+        self.reqs[child] = Req(p.tokens, p.seed)  # the child continues from the parent's exact state
+        for layer in TOKEN_LAYERS:
+            pt, ct = self.mgr.block_table(parent, layer), self.mgr.block_table(child, layer)
+            assert ct[:full] == pt[:full]  # full blocks shared
+            assert len(ct) == len(pt)
+            for i in range(full, len(pt)):  # blocks still being written: the child's own copies
+                assert (ct[i] is None) == (pt[i] is None)
+                assert ct[i] is None or ct[i] != pt[i]
+
+    @rule()
+    def compact(self):
+        """Moves live blocks between pages: the invariants then check that every
+        block table, hash and byte followed them."""
+        before = sum(g["mapped_pages"] for g in self.mgr.usage()["groups"])
+        moved = self.mgr.compact()
+        after = sum(g["mapped_pages"] for g in self.mgr.usage()["groups"])
+        assert after <= before
+        assert moved == 0 or after < before  # a planned move always empties a page
+
+    @rule(n=st.integers(1, 40))
+    def evict(self, n):
+        before = sum(g["cached_blocks"] for g in self.mgr.usage()["groups"])
+        done = self.mgr.evict(n)
+        after = sum(g["cached_blocks"] for g in self.mgr.usage()["groups"])
+        assert 0 <= done <= n
+        assert after <= before - done
+
+    @rule(size=st.sampled_from([1 * MiB, 2 * MiB, 6 * MiB, 10 * MiB, 16 * MiB, 28 * MiB]))
+    def arena_malloc(self, size):
+        try:
+            ptr = self.pool.malloc(size)
+        except OutOfMemoryError:
+            return
+        self.counter += 1
+        Mem.fill(ptr, size, self.counter)
+        self.arena[ptr] = (size, self.counter)
+
+    @precondition(lambda self: self.arena)
+    @rule(data=st.data(), flush=st.booleans())
+    def arena_free(self, data, flush):
+        ptr = data.draw(st.sampled_from(sorted(self.arena)))
+        del self.arena[ptr]
+        self.pool.free(ptr)
+        if flush:
+            self.pool.empty_cache()
+
+    # ---- invariants ------------------------------------------------------------------
+
+    @invariant()
+    def manager_consistent(self):
+        self.mgr.check()
+        assert set(self.mgr.requests) == set(self.reqs)
+        for layer in TOKEN_LAYERS + (MAMBA_LAYER,):
+            owner_of: dict[int, tuple[str, int]] = {}
+            for rid in self.reqs:
+                for i, b in enumerate(self.mgr.block_table(rid, layer)):
+                    if b is None:
+                        continue
+                    if b in owner_of:
+                        other, j = owner_of[b]
+                        assert i == j, f"layer {layer}: block {b} at index {j} of {other} and {i} of {rid}"
+                        end = (i + 1) * BS
+                        ra, rb = self.reqs[other], self.reqs[rid]
+                        assert len(ra.tokens) >= end and len(rb.tokens) >= end, \
+                            f"layer {layer}: partial block {b} shared by {other} and {rid}"
+                        assert ra.seed == rb.seed and ra.tokens[:end] == rb.tokens[:end], \
+                            f"layer {layer}: block {b} shared by {other} and {rid} with different prefixes"
+                    else:
+                        owner_of[b] = (rid, i)
+
+    @invariant()
+    def data_intact(self):
+        (states,) = self.mgr.layer_tensors(MAMBA_LAYER)
+        for rid, r in self.reqs.items():
+            n = len(r.tokens)
+            assert self.mgr.requests[rid].num_tokens == n
+            ph = torch.tensor(r.ph, dtype=torch.int64)
+            for layer in TOKEN_LAYERS:
+                bt = self.mgr.block_table(rid, layer)
+                first = MODEL.layers[layer].first_needed_token(n)
+                bt_t = torch.tensor([-1 if b is None else b for b in bt] or [-1], dtype=torch.int64)
+                all_pos = torch.arange(n)
+                blk = bt_t[torch.clamp(all_pos // BS, max=len(bt_t) - 1)] if n else all_pos
+                held = (blk >= 0) & (all_pos // BS < len(bt))
+                # Every kept token has a block.
+                assert bool(held[first:].all()), \
+                    f"{rid} layer {layer}: tokens {first}..{n - 1} must be kept, block table {bt}"
+                pos = all_pos[held]
+                k, v, positions = self.mgr.gather(rid, layer)
+                assert positions == pos.tolist(), (rid, layer, positions, pos.tolist())
+                tensors = self.mgr.layer_tensors(layer)
+                for kv in range(2):
+                    exp = (((ph[pos] * 8 + layer * 2 + kv) % (1 << 23)) + 1).to(torch.float32)
+                    got = tensors[kv][blk[held], pos % BS][..., SPOT_DIMS]
+                    assert torch.equal(got, exp[:, None, None].expand_as(got)), \
+                        f"{rid} layer {layer} kv {kv}: paged view corrupted"
+                    g = (k, v)[kv][..., SPOT_DIMS]
+                    assert torch.equal(g, exp[:, None, None].expand_as(g)), \
+                        f"{rid} layer {layer} kv {kv}: gather() differs"
+            if n:
+                bt = self.mgr.block_table(rid, MAMBA_LAYER)
+                assert len(bt) > (n - 1) // BS and bt[(n - 1) // BS] is not None, f"{rid}: no current Mamba state"
+                for i, b in enumerate(bt):
+                    if b is None:
+                        continue
+                    end = min(n, (i + 1) * BS)
+                    want = torch.tensor([r.ph[end - 1]], dtype=torch.int64).view(torch.uint8)
+                    assert torch.equal(states[b, :8], want), f"{rid}: Mamba state block {i} corrupted"
+        for ptr, (size, tag) in self.arena.items():
+            assert Mem.intact(ptr, size, tag), f"arena block {ptr:#x} corrupted"
+
+    @invariant()
+    def ledger(self):
+        self.pool.validate()
+        owners = self.pool.owners()
+        stats = self.pool.stats()
+        for space in self.mgr.spaces:
+            per_page = space.page_bytes // self.chunk
+            assert owners[space.owner]["held_chunks"] == space.stats()["mapped_pages"] * per_page, \
+                (space.name, owners[space.owner], space.stats())
+        held = sum(o["held_chunks"] for o in owners if o["active"])
+        assert held + stats["free_chunks"] == stats["created_chunks"]
+        assert stats["created_chunks"] * self.chunk <= stats["budget_bytes"]
+        self.mgr.sync()
+        for g, space in zip(self.mgr.usage()["groups"], self.mgr.spaces):
+            assert g["mapped_pages"] == space.stats()["mapped_pages"], (g, space.stats())
+
+    def teardown(self):
+        try:
+            self.mgr.close()
+            for ptr in list(self.arena):
+                self.pool.free(ptr)
+            self.arena.clear()
+            self.pool.empty_cache()
+            self.pool.validate()
+            owners = self.pool.owners()
+            assert all(o["held_chunks"] == 0 for o in owners), owners
+            s = self.pool.stats()
+            assert s["free_chunks"] == s["created_chunks"]
+        finally:
+            leaked = self.pool.close()
+        assert leaked == 0, f"pool closed with {leaked} live blocks"
+
+
+def test_kv_manager_stateful():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: the thread pool only costs time
+    try:
+        run_state_machine_as_test(
+            KVMachine,
+            settings=settings(max_examples=80, stateful_step_count=30, deadline=None,
+                              suppress_health_check=[HealthCheck.too_slow]),
+        )
+    finally:
+        torch.set_num_threads(threads)
