@@ -157,5 +157,9 @@ def test_uniform_pages_pad_every_group_to_the_largest():
     assert all(g.large_page_bytes == math.lcm(CHUNK, biggest) for g in lay.groups)
     assert lay.groups[1].padding_bytes == biggest - 640
     assert lay.notes
-    with pytest.raises(ValueError, match=str(4 * MiB)):
-        plan_layout(ModelKVSpec("m", (FULL,) * 3), 16, CHUNK, max_large_page_bytes=4 * MiB, uniform_pages=True)
+    # When the uniform page's lcm would exceed the limit, it is padded like any other page.
+    odd = plan_layout(ModelKVSpec("m", (FULL,) * 3), 16, CHUNK, max_large_page_bytes=4 * MiB, uniform_pages=True)
+    (g,) = odd.groups
+    assert g.small_page_bytes == 3 * 16 * 512 and math.lcm(CHUNK, g.small_page_bytes) > 4 * MiB
+    assert g.padded_small_bytes > g.small_page_bytes and g.large_page_bytes <= 4 * MiB
+    assert g.large_page_bytes % g.padded_small_bytes == 0

@@ -213,6 +213,8 @@ def test_out_of_window_blocks_are_released(pool, kind, n, kept, mode):
     mgr = make(pool, kind)
     run(mgr, "a", T[:n], mode)
     bt = mgr.block_table("a", 0)
+    if kind == "mamba" and mode == "decode" and (n - 1) % BS:
+        kept = kept[-1:]  # the previous state is kept only by the call that crossed into a new block
     assert [i for i, b in enumerate(bt) if b is not None] == kept
     assert len(bt) == -(-n // BS)
     g = mgr.usage()["groups"][0]

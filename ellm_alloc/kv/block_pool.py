@@ -216,6 +216,7 @@ class GroupBlockPool:
 
     def evict(self, n: int) -> int:
         """Evicts up to n cached blocks (pages left empty go back to the pool)."""
+        self.sync()  # pages another owner reclaimed since are gone already
         done = 0
         while done < n:
             b = self._evict_one()

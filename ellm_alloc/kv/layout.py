@@ -157,13 +157,11 @@ def plan_layout(model: ModelKVSpec, block_size: int, chunk_bytes: int,
         raw.append((spec, tuple(layers), small))
     notes = []
     if uniform_pages:
-        biggest = max(small for _, _, small in raw)
+        biggest = _pad_to_fit(max(small for _, _, small in raw), chunk_bytes, limit)
         large = math.lcm(chunk_bytes, biggest)
-        if large > limit:
-            raise ValueError(f"uniform page {biggest} B needs a {large} B large page, over {limit} B")
         groups = tuple(KVGroup(gid, spec, layers, block_size, small, biggest, large)
                        for gid, (spec, layers, small) in enumerate(raw))
-        return PageLayout(groups, chunk_bytes, limit, ("every page padded to the largest",))
+        return PageLayout(groups, chunk_bytes, limit, (f"every page padded to the largest, {biggest} B",))
     groups = []
     for gid, (spec, layers, small) in enumerate(raw):
         padded = _pad_to_fit(small, chunk_bytes, limit)

@@ -182,6 +182,9 @@ class KVCacheManager:
         self._check_capacity(request_id, num_new_tokens)
         st = self._state(request_id)
         self.sync()
+        released = 0
+        for m in self.managers:  # the step since the last call has consumed these
+            released += m.release_consumed(request_id, st.num_tokens, stream)
         total = st.num_tokens + num_new_tokens
         taken: list[tuple[GroupBlockPool, list[int], SingleTypeManager]] = []
         try:
@@ -198,11 +201,13 @@ class KVCacheManager:
             st.token_ids.extend(new_token_ids)
         st.num_tokens = total
         for m in self.managers:
-            m.remove_skipped(request_id, total, stream)
+            released += m.remove_skipped(request_id, total, stream)
         if self.enable_prefix_caching:
             st.hashes = chain_hashes(st.token_ids, self.block_size, st.extra_keys, len(st.hashes), st.hashes)
             for m in self.managers:
                 m.cache_blocks(request_id, st.hashes, min(total, len(st.token_ids)))
+        if released:
+            self._trim_cache(stream)
         return True
 
     def free(self, request_id: str, stream: int = 0) -> None:
@@ -292,15 +297,16 @@ class KVCacheManager:
             for b in m.req_blocks.pop(request_id, []):
                 if b is not None:
                     m.pool.release(b, None)
+            m.released_upto.pop(request_id, None)
+            m.num_cached.pop(request_id, None)
 
     def _trim_cache(self, stream: int = 0) -> None:
-        """Deflates the prefix cache to max_cached_fraction of the live bytes
-        (per group): a cached block holds a slot no live token needs."""
-        live = sum(bp.live_blocks() * bp.group.padded_small_bytes for bp in self.pools)
+        """Deflates the prefix cache to max_cached_fraction of each group's live
+        blocks: a cached block holds a slot no live token needs."""
         for bp in self.pools:
-            excess = bp.num_evictable() * bp.group.padded_small_bytes - self.max_cached_fraction * max(live, 1)
-            if excess > 0:
-                bp.evict(int(-(-excess // bp.group.padded_small_bytes)))
+            cached, live = bp.num_evictable(), bp.live_blocks()
+            if cached > self.max_cached_fraction * live:  # (a fraction of inf keeps everything)
+                bp.evict(cached - int(self.max_cached_fraction * live))
 
     def _state(self, request_id: str) -> RequestState:
         try:

@@ -20,6 +20,7 @@ class SingleTypeManager:
         self.bs = group.block_size
         self.req_blocks: dict[str, list[int | None]] = {}
         self.num_cached: dict[str, int] = {}  # leading blocks already offered to the prefix cache
+        self.released_upto: dict[str, int] = {}  # blocks below this index were released
 
     # -- what a request needs -----------------------------------------------------
 
@@ -48,15 +49,29 @@ class SingleTypeManager:
             blocks[i] = b
         return new
 
+    def release_consumed(self, request_id: str, num_tokens: int, stream: int = 0) -> int:
+        """Releases blocks the last step only needed as a source (Mamba's
+        previous state); called before the request's next allocation."""
+        return 0
+
     def remove_skipped(self, request_id: str, num_tokens: int, stream: int = 0) -> int:
         """Releases blocks that fell out of the window; returns how many."""
+        return self._release_before(request_id, self.first_needed_block(num_tokens), stream)
+
+    def _release_before(self, request_id: str, end: int, stream: int) -> int:
+        """Releases the request's blocks below index `end`, scanning only past
+        the ones released before (a long request's decode step stays O(1))."""
         blocks = self.req_blocks.get(request_id, [])
         n = 0
-        for i in range(min(self.first_needed_block(num_tokens), len(blocks))):
+        start = self.released_upto.get(request_id, 0)
+        end = min(end, len(blocks))
+        for i in range(start, end):
             if blocks[i] is not None:
                 self.pool.release(blocks[i], EVICT_OUT_OF_WINDOW, stream)
                 blocks[i] = None
                 n += 1
+        if end > start:
+            self.released_upto[request_id] = end
         return n
 
     # -- prefix caching --------------------------------------------------------------
@@ -94,19 +109,12 @@ class SingleTypeManager:
         """Releases every block, tail first, so the tail is the older LRU entry."""
         blocks = self.req_blocks.pop(request_id, [])
         self.num_cached.pop(request_id, None)
+        self.released_upto.pop(request_id, None)
         for i in range(len(blocks) - 1, -1, -1):
             if blocks[i] is not None:
                 prio = self.eviction_priority(i, prompt_blocks) if self.caches_prefix else None
                 self.pool.release(blocks[i], prio, stream)
         self.pool.forget_request(request_id)
-
-    def fork(self, parent: str, child: str) -> None:
-        """The child shares every block of the parent (one more holder each)."""
-        blocks = list(self.req_blocks.get(parent, []))
-        for b in blocks:
-            if b is not None:
-                self.pool.touch(b)
-        self.req_blocks[child] = blocks
 
 
 class FullAttentionManager(SingleTypeManager):
@@ -128,13 +136,33 @@ class ChunkedLocalManager(SingleTypeManager):
 
 
 class MambaManager(SingleTypeManager):
-    """One state block per block_size tokens, of which only the latest two
-    are live (the current one and the one it was copied from); the older ones
-    stay cached, each holding the state at its block boundary. A hit of L
-    blocks needs the state saved at the end of block L-1."""
+    """One state block per block_size tokens; only the latest state is kept.
+    When a request crosses into a new block, the call that allocates the new
+    state block keeps the previous one too (the step about to run copies the
+    state from it); the request's next call releases it, once that step has
+    run. Released states stay cached, each holding the state at its block
+    boundary. A hit of L blocks needs the state saved at the end of block L-1."""
 
     def first_needed_block(self, num_tokens: int) -> int:
         return max(0, (num_tokens - 1) // self.bs - 1) if num_tokens else 0
+
+    def num_new_blocks(self, request_id: str, num_tokens: int) -> int:
+        blocks = self.req_blocks.get(request_id, [])
+        return max(0, self.end_block(num_tokens) - max(self.first_needed_block(num_tokens), len(blocks)))
+
+    def allocate(self, request_id: str, num_tokens: int) -> list[int]:
+        """Only blocks past the last allocated one: a released previous state
+        is never allocated again (its content was consumed)."""
+        blocks = self.req_blocks.setdefault(request_id, [])
+        start, end = max(self.first_needed_block(num_tokens), len(blocks)), self.end_block(num_tokens)
+        new = self.pool.allocate(request_id, max(0, end - start))
+        blocks.extend([None] * (end - len(blocks)))
+        for i, b in zip(range(start, end), new):
+            blocks[i] = b
+        return new
+
+    def release_consumed(self, request_id: str, num_tokens: int, stream: int = 0) -> int:
+        return self._release_before(request_id, max(0, (num_tokens - 1) // self.bs), stream)
 
     def hit_valid(self, hashes: list[int], num_blocks: int) -> bool:
         return num_blocks == 0 or self.pool.lookup(hashes[num_blocks - 1]) is not None
