@@ -19,6 +19,14 @@ from .integrations.torch_allocator import (
 )
 from .pool import Pool
 
+
+def plot_timeline(rec, path=None, **kwargs):
+    """Stacked-area figure of a telemetry recording (see ellm_alloc.plot.plot_timeline)."""
+    from .plot import plot_timeline as _plot
+
+    return _plot(rec, path, **kwargs)
+
+
 __all__ = [
     "AllocatorError",
     "EnableError",
@@ -32,6 +40,7 @@ __all__ = [
     "memory_summary",
     "parse_budget",
     "parse_size",
+    "plot_timeline",
     "reset_peak_memory_stats",
 ]
 __version__ = "0.1.0"

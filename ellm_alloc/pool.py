@@ -80,6 +80,7 @@ class Pool:
         self.backend = N.lib.ellm_pool_backend(handle).decode()
         self.device = N.lib.ellm_pool_device(handle)
         self._reclaim_callbacks = {}
+        self._dependents = weakref.WeakSet()  # KV spaces (PageSpace) register here too
         self._lock = threading.Lock()
         return self
 

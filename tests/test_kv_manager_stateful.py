@@ -32,7 +32,6 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from ellm_alloc import OutOfMemoryError, Pool
 from ellm_alloc.kv import FullAttentionSpec, KVCacheManager, MambaSpec, ModelKVSpec, SlidingWindowSpec
 
-from conftest import Mem
 
 MiB = 1 << 20
 BS = 8
@@ -80,6 +79,7 @@ class Req:
 
 
 class KVMachine(RuleBasedStateMachine):
+    mem = None  # conftest's Mem (raw reads and writes of pool memory), set by the test
     def __init__(self):
         super().__init__()
         self.pool = Pool("cpu", budget="32MiB")
@@ -211,7 +211,7 @@ class KVMachine(RuleBasedStateMachine):
         except OutOfMemoryError:
             return
         self.counter += 1
-        Mem.fill(ptr, size, self.counter)
+        self.mem.fill(ptr, size, self.counter)
         self.arena[ptr] = (size, self.counter)
 
     @precondition(lambda self: self.arena)
@@ -286,7 +286,7 @@ class KVMachine(RuleBasedStateMachine):
                     want = torch.tensor([r.ph[end - 1]], dtype=torch.int64).view(torch.uint8)
                     assert torch.equal(states[b, :8], want), f"{rid}: Mamba state block {i} corrupted"
         for ptr, (size, tag) in self.arena.items():
-            assert Mem.intact(ptr, size, tag), f"arena block {ptr:#x} corrupted"
+            assert self.mem.intact(ptr, size, tag), f"arena block {ptr:#x} corrupted"
 
     @invariant()
     def ledger(self):
@@ -321,7 +321,8 @@ class KVMachine(RuleBasedStateMachine):
         assert leaked == 0, f"pool closed with {leaked} live blocks"
 
 
-def test_kv_manager_stateful():
+def test_kv_manager_stateful(mem):
+    KVMachine.mem = mem
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny tensors: the thread pool only costs time
     try:

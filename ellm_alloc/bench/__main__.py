@@ -1,4 +1,4 @@
-"""python -m ellm_alloc.bench {replay,hotpath,kv,gpu} [--json]
+"""python -m ellm_alloc.bench {replay,hotpath,kv,generate,gpu} [--json]
 
 replay TRACE   replays an allocation trace through the arena on a host pool and,
                side by side, through models of plain VA-first best fit and of
@@ -7,6 +7,9 @@ hotpath        times cached malloc/free pairs inside C, ours and glibc's, on
                the same size mix in the same run.
 kv             a request workload through the KV manager, a max-page-size
                baseline and a static per-type partition, side by side.
+generate       HF generate() on a scaled random-weight model of a preset:
+               ElasticCache vs DynamicCache vs StaticCache (peak KV and total
+               bytes, tokens/s, largest batch within a KV budget).
 gpu            (CUDA only) ours vs torch native vs expandable_segments.
 
 With --json the last line printed is one JSON object with every figure.
@@ -162,6 +165,22 @@ def main(argv: list[str] | None = None) -> int:
     kp.add_argument("--budget", default="16GiB", help="KV pool budget (default 16GiB)")
     kp.add_argument("--block-size", type=int, default=16)
     kp.add_argument("--json", action="store_true")
+    gn = sub.add_parser("generate", help="generate(): ElasticCache vs DynamicCache vs StaticCache")
+    gn.add_argument("--model", required=True, help="preset name (llama3-8b, gemma3-12b-like, ...)")
+    gn.add_argument("--batch", type=int, default=4)
+    gn.add_argument("--prompt-len", type=int, default=128)
+    gn.add_argument("--new-tokens", type=int, default=64)
+    gn.add_argument("--max-cache-len", type=int, help="StaticCache / ElasticCache length (default max(2048, L+N))")
+    gn.add_argument("--layers", type=int, help="layers of the scaled model (default: one pattern period, or 4)")
+    gn.add_argument("--window", type=int, help="override the sliding window / attention chunk size")
+    gn.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                    help="default float32 on CPU, bfloat16 on CUDA")
+    gn.add_argument("--repeats", type=int, default=3, help="runs per cache, interleaved; median reported")
+    gn.add_argument("--find-max-batch", action="store_true", help="largest batch within --budget of KV bytes")
+    gn.add_argument("--budget", help="KV byte budget for --find-max-batch, e.g. 1GiB")
+    gn.add_argument("--no-progress", action="store_true",
+                    help="no progress bar on stderr (it is shown only when stderr is a terminal)")
+    gn.add_argument("--json", action="store_true")
     gp = sub.add_parser("gpu", help="GPU tier: ours vs native vs expandable_segments (needs CUDA)")
     gp.add_argument("--out", help="write the report JSON here (e.g. benchmarks/results/gpu_allocator.json)")
     gp.add_argument("--json", action="store_true")
@@ -183,6 +202,25 @@ def main(argv: list[str] | None = None) -> int:
             reports.append(r)
         if args.json:
             print(json.dumps(reports[0] if len(reports) == 1 else {"reports": reports}))
+        return 0
+
+    if args.cmd == "generate":
+        from . import generate as gen
+
+        if args.find_max_batch and not args.budget:
+            ap.error("--find-max-batch needs --budget BYTES")
+        try:
+            r = gen.run(args.model, args.batch, args.prompt_len, args.new_tokens,
+                        max_cache_len=args.max_cache_len, layers=args.layers, window=args.window,
+                        dtype=args.dtype, repeats=args.repeats, find_max=args.find_max_batch,
+                        budget=parse_size(args.budget, "budget") if args.budget else None,
+                        progress=not args.no_progress and sys.stderr.isatty())
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        gen.print_report(r)
+        if args.json:
+            print(json.dumps(r))
         return 0
 
     if args.cmd == "gpu":

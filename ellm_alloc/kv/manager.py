@@ -208,6 +208,8 @@ class KVCacheManager:
                 m.cache_blocks(request_id, st.hashes, min(total, len(st.token_ids)))
         if released:
             self._trim_cache(stream)
+            if self.compact_enabled:
+                self.compact(min_free_fraction=0.02, stream=stream)
         return True
 
     def free(self, request_id: str, stream: int = 0) -> None:
