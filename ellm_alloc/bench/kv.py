@@ -185,7 +185,12 @@ def run_one(model, items: list[WorkItem], budget: int, mode: str, block_size: in
 
 def run(model, workload_path: str | Path, budget: int, block_size: int = 16, progress: bool = True) -> dict:
     name, items = load_workload(workload_path)
-    results = [run_one(model, items, budget, mode, block_size, progress) for mode in ("ellm", "max-page", "static")]
+    results = [run_one(model, items, budget, "ellm", block_size, progress)]
+    for mode in ("max-page", "static"):
+        try:
+            results.append(run_one(model, items, budget, mode, block_size, progress))
+        except ValueError as e:  # a baseline that cannot hold some request at all
+            results.append({"allocator": mode, "error": str(e)})
     return {
         "model": model.name,
         "workload": name,
@@ -202,6 +207,9 @@ def print_report(r: dict) -> None:
     print(f"  {'allocator':>9} {'util avg':>9} {'util@peak':>9} {'peak reqs':>9} {'hit rate':>8} "
           f"{'preempt':>7} {'steps':>6}")
     for x in r["results"]:
+        if "error" in x:
+            print(f"  {x['allocator']:>9} cannot serve this workload: {x['error']}")
+            continue
         print(f"  {x['allocator']:>9} {x['utilisation_time_avg']:9.3f} {x['utilisation_at_peak']:9.3f} "
               f"{x['peak_concurrent_requests']:9d} {x['prefix_hit_rate']:8.3f} {x['preemptions']:7d} "
               f"{x['steps']:6d}")

@@ -70,7 +70,7 @@ class KVCacheManager:
         enable_prefix_caching: bool = True,
         name: str = "kv",
         capacity_bytes: int | None = None,
-        max_cached_fraction: float = 0.05,
+        max_cached_fraction: float = 0.02,
         uniform_pages: bool = False,
         static_shares: dict[int, float] | None = None,
         compact: bool = True,
@@ -183,8 +183,6 @@ class KVCacheManager:
         st = self._state(request_id)
         self.sync()
         released = 0
-        for m in self.managers:  # the step since the last call has consumed these
-            released += m.release_consumed(request_id, st.num_tokens, stream)
         total = st.num_tokens + num_new_tokens
         taken: list[tuple[GroupBlockPool, list[int], SingleTypeManager]] = []
         try:

@@ -49,11 +49,6 @@ class SingleTypeManager:
             blocks[i] = b
         return new
 
-    def release_consumed(self, request_id: str, num_tokens: int, stream: int = 0) -> int:
-        """Releases blocks the last step only needed as a source (Mamba's
-        previous state); called before the request's next allocation."""
-        return 0
-
     def remove_skipped(self, request_id: str, num_tokens: int, stream: int = 0) -> int:
         """Releases blocks that fell out of the window; returns how many."""
         return self._release_before(request_id, self.first_needed_block(num_tokens), stream)
@@ -136,33 +131,34 @@ class ChunkedLocalManager(SingleTypeManager):
 
 
 class MambaManager(SingleTypeManager):
-    """One state block per block_size tokens; only the latest state is kept.
-    When a request crosses into a new block, the call that allocates the new
-    state block keeps the previous one too (the step about to run copies the
-    state from it); the request's next call releases it, once that step has
-    run. Released states stay cached, each holding the state at its block
-    boundary. A hit of L blocks needs the state saved at the end of block L-1."""
+    """Only the latest state is kept: one live block per request, updated in
+    place by the model. When the request crosses into a new block of tokens,
+    allocate() copies the state into a fresh block (stream-ordered on CUDA)
+    and the old block is released; it stays cached, holding the state at its
+    block boundary. A hit of L blocks needs the state saved at the end of
+    block L-1."""
 
     def first_needed_block(self, num_tokens: int) -> int:
-        return max(0, (num_tokens - 1) // self.bs - 1) if num_tokens else 0
+        return (num_tokens - 1) // self.bs if num_tokens else 0
 
     def num_new_blocks(self, request_id: str, num_tokens: int) -> int:
         blocks = self.req_blocks.get(request_id, [])
-        return max(0, self.end_block(num_tokens) - max(self.first_needed_block(num_tokens), len(blocks)))
+        cur = self.first_needed_block(num_tokens)
+        return 0 if cur < len(blocks) and blocks[cur] is not None else 1
 
     def allocate(self, request_id: str, num_tokens: int) -> list[int]:
-        """Only blocks past the last allocated one: a released previous state
-        is never allocated again (its content was consumed)."""
         blocks = self.req_blocks.setdefault(request_id, [])
-        start, end = max(self.first_needed_block(num_tokens), len(blocks)), self.end_block(num_tokens)
-        new = self.pool.allocate(request_id, max(0, end - start))
-        blocks.extend([None] * (end - len(blocks)))
-        for i, b in zip(range(start, end), new):
-            blocks[i] = b
-        return new
-
-    def release_consumed(self, request_id: str, num_tokens: int, stream: int = 0) -> int:
-        return self._release_before(request_id, max(0, (num_tokens - 1) // self.bs), stream)
+        cur = self.first_needed_block(num_tokens)
+        if cur < len(blocks) and blocks[cur] is not None:
+            return []
+        (new,) = self.pool.allocate(request_id, 1)
+        prev = next((blocks[i] for i in range(len(blocks) - 1, -1, -1) if blocks[i] is not None), None)
+        blocks.extend([None] * (cur + 1 - len(blocks)))
+        blocks[cur] = new
+        if prev is not None:  # the state moves on; remove_skipped then releases prev
+            data, step, size = self.pool.space.bytes_view(), self.group.padded_small_bytes, self.group.small_page_bytes
+            data[new * step:new * step + size].copy_(data[prev * step:prev * step + size])
+        return [new]
 
     def hit_valid(self, hashes: list[int], num_blocks: int) -> bool:
         return num_blocks == 0 or self.pool.lookup(hashes[num_blocks - 1]) is not None
