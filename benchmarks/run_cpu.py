@@ -1,0 +1,79 @@
+"""Runs the CPU benchmarks and writes their figures, with the conditions, to
+benchmarks/results/cpu_*.json.
+
+    python benchmarks/run_cpu.py [replay] [hotpath] [kv] [generate]   (default: all)
+
+Every file holds the exact command, the date, the machine (CPU model, cores)
+and the torch / transformers / Python versions next to the benchmark's own
+JSON (its last output line). Nothing here is edited by hand.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "benchmarks" / "results"
+PRESETS = ["llama3-8b", "gemma3-12b-like", "llama4-scout-like", "jamba-like", "mllama-like",
+           "mistral-7b-v0.1", "qwen2.5-7b"]
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+    try:
+        import transformers
+        tv = transformers.__version__
+    except ImportError:
+        tv = None
+    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "transformers": tv, "device": "cpu (host backend)"}
+
+
+def run(args: list[str], name: str, env: dict | None = None) -> None:
+    cmd = [sys.executable, "-m", "ellm_alloc.bench", *args, "--json"]
+    print("running:", " ".join(cmd[1:]), file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    doc = {"command": "python -m ellm_alloc.bench " + " ".join(args + ["--json"]),
+           "env": env or {}, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+           "machine": machine(), "report": report}
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / f"cpu_{name}.json").write_text(json.dumps(doc, indent=1) + "\n")
+
+
+def main(parts: list[str]) -> None:
+    parts = parts or ["replay", "hotpath", "kv", "generate"]
+    if "replay" in parts:
+        traces = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "benchmarks" / "traces").glob("*.trace"))
+        run(["replay", *traces], "replay")
+    if "hotpath" in parts:
+        run(["hotpath"], "hotpath")
+    if "kv" in parts:
+        for preset in PRESETS:
+            run(["kv", "--model", preset], f"kv_{preset}")
+    if "generate" in parts:
+        # One torch thread: on a small shared machine the thread pool's noise
+        # swamps the difference between the caches.
+        for preset in ["llama3-8b", "gemma3-12b-like"]:
+            run(["generate", "--model", preset, "--batch", "4", "--prompt-len", "128", "--new-tokens", "64",
+                 "--repeats", "7", "--find-max-batch", "--budget", "1GiB"], f"generate_{preset}",
+                env={"OMP_NUM_THREADS": "1"})
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
