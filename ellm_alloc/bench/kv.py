@@ -18,7 +18,8 @@ Workload JSON:
   {"name": str, "requests": [{"arrival": int, "prompt": int, "output": int,
     "prefix": str | null, "prefix_len": int}]}
 `prefix`/`prefix_len`: the first prefix_len prompt tokens are shared by every
-request naming the same prefix.
+request naming the same prefix. For models with cross-attention layers each
+request also carries its own image id, which is part of its block hashes.
 """
 from __future__ import annotations
 
@@ -101,6 +102,9 @@ def run_one(model, items: list[WorkItem], budget: int, mode: str, block_size: in
     elif mode == "static":
         kwargs.update(static_shares=static_shares(model, items), compact=False)
     mgr = KVCacheManager(model, pool, block_size=block_size, name=f"kv.{mode}", **kwargs)
+    # Each request brings its own image: that changes the KV of every layer
+    # after a cross-attention layer, so only such models hash it in.
+    per_request_keys = any(s.kind == "cross" for s in model.layers)
     waiting = deque(items)
     running: dict[str, list] = {}  # rid -> [item, generated]
     order: list[str] = []  # admission order, for preemption
@@ -115,7 +119,7 @@ def run_one(model, items: list[WorkItem], budget: int, mode: str, block_size: in
         while waiting and waiting[0].arrival <= step:
             w = waiting[0]
             rid = f"r{w.index}"
-            hit = mgr.add_request(rid, w.prompt, w.extra_keys)
+            hit = mgr.add_request(rid, w.prompt, w.extra_keys if per_request_keys else ())
             if not mgr.allocate_slots(rid, len(w.prompt) - hit):
                 mgr.free(rid)
                 if not running:

@@ -45,6 +45,7 @@ class GroupBlockPool:
         self.ratio = layout.ratio(group)
         n = space.n_pages
         self.ref = [0] * (n * self.ratio)  # per block: requests holding it
+        self.shared: set[int] = set()  # blocks with more than one holder
         self.block_hash: dict[int, int] = {}  # cached (hashed) blocks -> hash
         self.cached: dict[int, int] = {}  # hash -> block (the prefix cache of this group)
         self.evictable = [OrderedDict() for _ in range(NUM_PRIORITIES)]  # LRU per priority
@@ -201,6 +202,9 @@ class GroupBlockPool:
         dst = self._take_slot(dst_page)
         copy(src, dst)
         self.ref[dst] = self.ref[src]
+        if src in self.shared:
+            self.shared.discard(src)
+            self.shared.add(dst)
         h = self.block_hash.pop(src, None)
         if h is not None:
             self.block_hash[dst] = h
@@ -240,12 +244,16 @@ class GroupBlockPool:
             self.page_cached[page] -= 1
             self.page_live[page] += 1
         self.ref[b] += 1
+        if self.ref[b] == 2:
+            self.shared.add(b)
 
     def release(self, b: int, cache_priority: int | None, stream: int = 0) -> None:
         """Drops one holder of block b. Once no holder is left the block stays
         cached (evictable, with that priority) if it has a hash, else it is free."""
         assert self.ref[b] > 0, f"block {b} released more often than held"
         self.ref[b] -= 1
+        if self.ref[b] == 1:
+            self.shared.discard(b)
         if self.ref[b]:
             return
         page = b // self.ratio
@@ -297,6 +305,11 @@ class GroupBlockPool:
     def live_blocks(self) -> int:
         return sum(self.page_live)
 
+    def extra_holders(self) -> int:
+        """Holders beyond the first, summed over shared blocks: how many block
+        copies sharing saves."""
+        return sum(self.ref[b] - 1 for b in self.shared)
+
     def check(self) -> None:
         """Asserts the pool's bookkeeping is consistent (tests call it after every step)."""
         for page, free in self.page_free.items():
@@ -316,3 +329,4 @@ class GroupBlockPool:
             assert page not in self.page_free and self.space.state(page) == 0
         for h, b in self.cached.items():
             assert self.block_hash[b] == h
+        assert self.shared == {b for b, r in enumerate(self.ref) if r > 1}, "`shared` is not the blocks with 2+ holders"

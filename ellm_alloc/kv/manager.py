@@ -345,12 +345,15 @@ class KVCacheManager:
 
     def live_bytes_needed(self) -> int:
         """Bytes the live tokens need (full: all; sliding: the window; Mamba: its
-        state; cross: fixed), summed over requests, as if nothing were shared."""
+        state; cross: fixed), summed over requests, with a block that several
+        requests share (a prefix hit, a fork) counted once."""
         total = 0
         for st in self.requests.values():
             for g in self.layout.groups:
                 total += g.spec.live_bytes(st.num_tokens) * len(g.layers)
-        return total
+        for g, bp in zip(self.layout.groups, self.pools):
+            total -= bp.extra_holders() * g.small_page_bytes
+        return max(total, 0)
 
     def mapped_bytes(self) -> int:
         """Bytes held for the KV cache: mapped pages, or the whole partition when static."""
