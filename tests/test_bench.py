@@ -149,3 +149,40 @@ def test_hotpath_cli_json_reports_both_allocators(capsys):
     assert r["ns_per_pair_ellm"] > 0 and r["ns_per_pair_glibc"] > 0
     assert r["ratio_to_glibc"] == pytest.approx(r["ns_per_pair_ellm"] / r["ns_per_pair_glibc"], rel=0.01)
     assert r["fast_path_fraction"] > 0.9  # the decode-step mix is served from the caches
+
+
+def _tiny_workload(tmp_path: Path) -> Path:
+    reqs = [{"arrival": i, "prompt": 96, "output": 20, "prefix": "sys", "prefix_len": 64} for i in range(12)]
+    p = tmp_path / "tiny.json"
+    p.write_text(json.dumps({"name": "tiny", "requests": reqs}))
+    return p
+
+
+def test_kv_bench_shares_prefixes_and_reports_every_allocator(tmp_path):
+    from ellm_alloc.bench import kv as kvbench
+    from ellm_alloc.kv import FullAttentionSpec, ModelKVSpec, SlidingWindowSpec
+
+    model = ModelKVSpec("tiny", [FullAttentionSpec(kv_heads=8, head_dim=128, dtype="float32"),
+                                 SlidingWindowSpec(kv_heads=8, head_dim=128, dtype="float32", window=128)] * 2)
+    r = kvbench.run(model, _tiny_workload(tmp_path), budget=256 * MiB, progress=False)
+    res = {x["allocator"]: x for x in r["results"]}
+    assert set(res) == {"ellm", "max-page", "static"}
+    for x in res.values():
+        assert 0 < x["utilisation_time_avg"] <= 1.0, x  # shared blocks are counted once in the need
+        assert x["peak_concurrent_requests"] >= 1
+    # Every request after the first reuses the 64-token system prompt (4 full blocks of 16).
+    assert res["ellm"]["prefix_hit_rate"] >= 0.5 * 64 / 96, res["ellm"]
+
+
+@pytest.mark.parametrize("doc, match", [
+    ({"requests": []}, "at least one request"),
+    ({"requests": [{"arrival": 0, "prompt": 5}]}, "needs integer"),
+    ({"requests": [{"arrival": 0, "prompt": 0, "output": 3}]}, "must be >= 1"),
+])
+def test_malformed_kv_workload_is_refused(tmp_path, doc, match):
+    from ellm_alloc.bench import kv as kvbench
+
+    p = tmp_path / "bad.json"
+    p.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=match):
+        kvbench.load_workload(p)
