@@ -189,11 +189,11 @@ def run_one(model, items: list[WorkItem], budget: int, mode: str, block_size: in
 
 def run(model, workload_path: str | Path, budget: int, block_size: int = 16, progress: bool = True) -> dict:
     name, items = load_workload(workload_path)
-    results = [run_one(model, items, budget, "ellm", block_size, progress)]
-    for mode in ("max-page", "static"):
+    results = []
+    for mode in ("ellm", "max-page", "static"):
         try:
             results.append(run_one(model, items, budget, mode, block_size, progress))
-        except ValueError as e:  # a baseline that cannot hold some request at all
+        except ValueError as e:  # some request of the workload does not fit the budget at all
             results.append({"allocator": mode, "error": str(e)})
     return {
         "model": model.name,
