@@ -23,6 +23,7 @@
 #include "backend_cuda.h"
 #include "backend_host.h"
 #include "c_api.h"
+#include "dlpack_view.h"
 #include "kv_space.h"
 
 using namespace ellm;
@@ -515,6 +516,20 @@ void ellm_record_stream(void* ptr, void* stream) {
   ellm_pool* p = pool_of(ptr);
   if (p) ellm_pool_record_stream(p, ptr, reinterpret_cast<uintptr_t>(stream));
 }
+
+void* ellm_dlpack_view(ellm_pool* pool, uintptr_t addr, uint64_t nbytes) {
+  clear_error();
+  bool host = std::strcmp(pool->backend->name(), "host") == 0;
+  DLManagedTensor* t = make_byte_view(addr, nbytes, host ? kDLCPU : kDLCUDA, pool->backend->device());
+  if (!t) fail(kOutOfMemory, "cannot allocate a DLPack descriptor");
+  return t;
+}
+
+void ellm_dlpack_discard(void* managed) {
+  if (managed) static_cast<DLManagedTensor*>(managed)->deleter(static_cast<DLManagedTensor*>(managed));
+}
+
+int64_t ellm_dlpack_live(void) { return g_live_byte_views.load(); }
 
 double ellm_bench_pairs(ellm_pool* pool, const size_t* sizes, size_t n, size_t iters, int use_glibc) {
   std::vector<void*> ptrs(n);

@@ -100,6 +100,15 @@ size_t ellm_kv_take_reclaimed(ellm_kv_space* space, uint32_t* pages, size_t cap)
 size_t ellm_kv_reclaim(ellm_kv_space* space, size_t want_chunks);
 void ellm_kv_get_stats(ellm_kv_space* space, ellm_kv_stats* out);
 
+// ---- zero-copy tensors over pool memory ----
+// A DLPack DLManagedTensor (uint8, 1-D, `nbytes` long) over [addr, addr+nbytes)
+// on the pool's device (kDLCUDA or kDLCPU). Hand it to torch in a "dltensor"
+// capsule; torch calls its deleter. ellm_dlpack_discard frees one torch never
+// took. The view does not own or map the memory.
+void* ellm_dlpack_view(ellm_pool* pool, uintptr_t addr, uint64_t nbytes);
+void ellm_dlpack_discard(void* managed);
+int64_t ellm_dlpack_live(void);  // descriptors not yet deleted (for leak tests)
+
 // ---- host backend test controls ----
 int ellm_host_hold_stream(ellm_pool* pool, uintptr_t stream);
 int ellm_host_release_stream(ellm_pool* pool, uintptr_t stream);

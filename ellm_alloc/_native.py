@@ -138,6 +138,9 @@ _sig("ellm_kv_state", _I, _P, ctypes.c_uint32)
 _sig("ellm_kv_take_reclaimed", _SZ, _P, ctypes.POINTER(ctypes.c_uint32), _SZ)
 _sig("ellm_kv_reclaim", _SZ, _P, _SZ)
 _sig("ellm_kv_get_stats", None, _P, ctypes.POINTER(KvStats))
+_sig("ellm_dlpack_view", _P, _P, _SZ, _U64)
+_sig("ellm_dlpack_discard", None, _P)
+_sig("ellm_dlpack_live", ctypes.c_int64)
 _sig("ellm_host_hold_stream", _I, _P, _SZ)
 _sig("ellm_host_release_stream", _I, _P, _SZ)
 _sig("ellm_host_inject_fault", _I, _P, _I, ctypes.c_int64)
@@ -154,6 +157,20 @@ _sig("ellm_reset", None)
 _sig("ellm_memory_fraction", None, ctypes.c_double, _I)
 _sig("ellm_record_stream", None, _P, _P)
 _sig("ellm_bench_pairs", ctypes.c_double, _P, ctypes.POINTER(_SZ), _SZ, _SZ, _I)
+
+
+_PyCapsule_New = ctypes.pythonapi.PyCapsule_New
+_PyCapsule_New.restype = ctypes.py_object
+_PyCapsule_New.argtypes = [_P, ctypes.c_char_p, _P]
+
+
+def dlpack_capsule(managed: int):
+    """A "dltensor" capsule around a DLManagedTensor* from ellm_dlpack_view.
+
+    No capsule destructor: the consumer (torch) renames the capsule and calls
+    the tensor's deleter; a capsule never consumed is discarded by the caller.
+    """
+    return _PyCapsule_New(managed, b"dltensor", None)
 
 
 def last_error() -> str:

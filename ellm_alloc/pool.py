@@ -155,6 +155,27 @@ class Pool:
     def arena_base(self) -> int:
         return N.lib.ellm_pool_arena_base(self.handle)
 
+    def byte_tensor(self, addr: int, nbytes: int):
+        """A zero-copy torch uint8 tensor over [addr, addr + nbytes) of this pool's memory.
+
+        Built through DLPack on both backends (a CPU tensor on a host pool, a
+        CUDA one on a CUDA pool), so torch never asks the driver about the
+        address, which may not be mapped yet. The tensor neither maps nor owns
+        the memory: touching an unmapped part faults, as on the GPU.
+        """
+        import torch
+
+        if addr <= 0 or nbytes <= 0:
+            raise ValueError(f"byte_tensor needs a positive address and size, got {addr:#x}, {nbytes}")
+        managed = N.lib.ellm_dlpack_view(self.handle, addr, nbytes)
+        if not managed:
+            raise_for_status(N.last_status() or N.OUT_OF_MEMORY)
+        try:
+            return torch.utils.dlpack.from_dlpack(N.dlpack_capsule(managed))
+        except BaseException:
+            N.lib.ellm_dlpack_discard(managed)
+            raise
+
     # ---- other owners (KV spaces) ------------------------------------------
 
     def register_owner(self, name: str, reclaim=None) -> int:

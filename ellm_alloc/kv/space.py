@@ -3,8 +3,9 @@
 The Python face of csrc/kv_space.h. Pages are mapped and unmapped here; the
 pool may reclaim pages marked reclaimable without calling Python, and
 `take_reclaimed()` says which ones it took. Tensors over the range are
-zero-copy views: `torch.frombuffer` over the address on a host pool, the CUDA
-array interface on a CUDA pool. Their addresses never move while mapped.
+zero-copy DLPack views (`Pool.byte_tensor`), CPU tensors on a host pool and
+CUDA tensors on a CUDA pool, built the same way on both. Their addresses never
+move while mapped.
 """
 from __future__ import annotations
 
@@ -16,20 +17,6 @@ from .. import _native as N
 from ..pool import Pool, raise_for_status
 
 UNMAPPED, PINNED, RECLAIMABLE = 0, 1, 2
-
-
-class _CudaRange:
-    """Exposes a device address range to torch through __cuda_array_interface__."""
-
-    def __init__(self, addr: int, nbytes: int, owner):
-        self._owner = owner  # keeps the space alive as long as a view exists
-        self.__cuda_array_interface__ = {
-            "shape": (nbytes,),
-            "typestr": "|u1",
-            "data": (addr, False),
-            "version": 3,
-            "strides": None,
-        }
 
 
 class PageSpace:
@@ -98,15 +85,7 @@ class PageSpace:
     def bytes_view(self) -> torch.Tensor:
         """A uint8 tensor over the whole VA range (touching unmapped pages faults)."""
         if self._bytes_view is None:
-            nbytes = self.page_bytes * self.n_pages
-            if self.pool.backend == "host":
-                buf = (ctypes.c_char * nbytes).from_address(self.base)
-                self._keep = buf
-                self._bytes_view = torch.frombuffer(buf, dtype=torch.uint8)
-            else:
-                self._bytes_view = torch.as_tensor(
-                    _CudaRange(self.base, nbytes, self), device=f"cuda:{self.pool.device}"
-                )
+            self._bytes_view = self.pool.byte_tensor(self.base, self.page_bytes * self.n_pages)
         return self._bytes_view
 
     def view(self, dtype: torch.dtype, offset_bytes: int, size: tuple, stride: tuple) -> torch.Tensor:
