@@ -5,6 +5,7 @@ fragmentation bounds are checked here; timings only in the benchmarks."""
 from __future__ import annotations
 
 import json
+import re
 import random
 from pathlib import Path
 
@@ -186,3 +187,34 @@ def test_malformed_kv_workload_is_refused(tmp_path, doc, match):
     p.write_text(json.dumps(doc))
     with pytest.raises(ValueError, match=match):
         kvbench.load_workload(p)
+
+
+def _long_workload(tmp_path: Path, prompt: int) -> Path:
+    p = tmp_path / "long.json"
+    p.write_text(json.dumps({"name": "long", "requests": [{"arrival": 0, "prompt": prompt, "output": 4},
+                                                          {"arrival": 1, "prompt": 64, "output": 4}]}))
+    return p
+
+
+@pytest.mark.parametrize("prompt, budget_gib", [
+    (1000, 16),          # 1000 tokens x 64 KiB: far below 16 GiB, the default stands
+    (200_000, 25),       # 12.2 GiB alone: twice that, rounded up to a GiB
+])
+def test_kv_bench_default_budget_holds_the_longest_request(tmp_path, prompt, budget_gib):
+    from ellm_alloc.bench import kv as kvbench
+    from ellm_alloc.kv import FullAttentionSpec, ModelKVSpec
+
+    model = ModelKVSpec("mha", [FullAttentionSpec(kv_heads=8, head_dim=128, dtype="float32")] * 8)  # 64 KiB/token
+    _, items = kvbench.load_workload(_long_workload(tmp_path, prompt))
+    assert kvbench.default_budget(model, items) == budget_gib << 30
+
+
+def test_kv_bench_reports_an_allocator_that_cannot_hold_a_request(tmp_path):
+    from ellm_alloc.bench import kv as kvbench
+    from ellm_alloc.kv import FullAttentionSpec, ModelKVSpec
+
+    model = ModelKVSpec("mha", [FullAttentionSpec(kv_heads=8, head_dim=128, dtype="float32")] * 2)  # 16 KiB/token
+    r = kvbench.run(model, _long_workload(tmp_path, 4000), budget=32 * MiB, progress=False)  # needs 62.6 MiB
+    assert r["budget_source"] == "given"
+    for x in r["results"]:  # the manager names the limit (pages the space holds) or the budget
+        assert re.search(r"does not fit the budget|holds at most", x["error"]), x

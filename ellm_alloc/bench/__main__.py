@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--model", help="preset name (see ellm_alloc.kv.presets)")
     src.add_argument("--spec", help="model spec JSON (schema in the README)")
     kp.add_argument("--workload", action="append", help="workload JSON (default: every shipped one)")
-    kp.add_argument("--budget", default="16GiB", help="KV pool budget (default 16GiB)")
+    kp.add_argument("--budget", help="KV pool budget (default 16GiB, or twice the longest request's need "
+                                     "when that is more)")
     kp.add_argument("--block-size", type=int, default=16)
     kp.add_argument("--json", action="store_true")
     gn = sub.add_parser("generate", help="generate(): ElasticCache vs DynamicCache vs StaticCache")
@@ -197,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
             ap.error("no workload given and none shipped under benchmarks/workloads/")
         reports = []
         for w in workloads:
-            r = kvbench.run(model, w, parse_size(args.budget, "budget"), args.block_size)
+            budget = parse_size(args.budget, "budget") if args.budget else None
+            r = kvbench.run(model, w, budget, args.block_size)
             kvbench.print_report(r)
             reports.append(r)
         if args.json:

@@ -91,6 +91,23 @@ def static_shares(model, items: list[WorkItem]) -> dict[int, float]:
     return {gid: n / total for gid, n in need.items()}
 
 
+DEFAULT_BUDGET = 16 << 30
+
+
+def default_budget(model, items: list[WorkItem], block_size: int = 16) -> int:
+    """16 GiB, or twice what the workload's longest request needs alone when
+    that is more (a model without GQA, such as Phi-3-mini, needs 17 GiB for
+    one 45K-token document), rounded up to a GiB. Every allocator gets the
+    same budget; an explicit --budget is taken as given."""
+    from ..kv.layout import plan_layout
+
+    longest = max(len(w.prompt) + len(w.output) for w in items)
+    layout = plan_layout(model, block_size, 2 << 20)
+    need = sum(g.spec.live_bytes(longest) * len(g.layers) + g.large_page_bytes for g in layout.groups)
+    gib = 1 << 30
+    return max(DEFAULT_BUDGET, -(-2 * need // gib) * gib)
+
+
 def run_one(model, items: list[WorkItem], budget: int, mode: str, block_size: int = 16,
             progress: bool = False) -> dict:
     from ..kv.manager import KVCacheManager
@@ -187,8 +204,14 @@ def run_one(model, items: list[WorkItem], budget: int, mode: str, block_size: in
     }
 
 
-def run(model, workload_path: str | Path, budget: int, block_size: int = 16, progress: bool = True) -> dict:
+def run(model, workload_path: str | Path, budget: int | None = None, block_size: int = 16,
+        progress: bool = True) -> dict:
+    """`budget` None: default_budget() for this model and workload."""
     name, items = load_workload(workload_path)
+    budget_source = "given"
+    if budget is None:
+        budget = default_budget(model, items, block_size)
+        budget_source = "default" if budget == DEFAULT_BUDGET else "default, raised for the longest request"
     results = []
     for mode in ("ellm", "max-page", "static"):
         try:
@@ -200,6 +223,7 @@ def run(model, workload_path: str | Path, budget: int, block_size: int = 16, pro
         "workload": name,
         "requests": len(items),
         "budget_bytes": budget,
+        "budget_source": budget_source,
         "block_size": block_size,
         "results": results,
     }
@@ -207,7 +231,8 @@ def run(model, workload_path: str | Path, budget: int, block_size: int = 16, pro
 
 def print_report(r: dict) -> None:
     print(f"model {r['model']}, workload {r['workload']} ({r['requests']} requests), "
-          f"budget {r['budget_bytes'] / 2**30:.1f} GiB, block {r['block_size']} tokens")
+          f"budget {r['budget_bytes'] / 2**30:.1f} GiB ({r.get('budget_source', 'given')}), "
+          f"block {r['block_size']} tokens")
     print(f"  {'allocator':>9} {'util avg':>9} {'util@peak':>9} {'peak reqs':>9} {'hit rate':>8} "
           f"{'preempt':>7} {'steps':>6}")
     for x in r["results"]:
