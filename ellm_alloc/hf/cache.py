@@ -472,8 +472,6 @@ class ElasticCache(Cache):
             layers.append(ElasticLayer(backing, i, window))
         super().__init__(layers=layers)
         self._backing = backing
-        self.max_batch_size = max_batch_size
-        self.max_cache_len = max_cache_len
         # Unmap everything and close the spaces when the cache is collected.
         self._finalizer = weakref.finalize(self, _Backing.close, backing)
 
@@ -511,6 +509,16 @@ class ElasticCache(Cache):
         for layer in self.layers:
             if not layer.is_initialized:
                 layer.lazy_initialization(fake, fake)
+
+    # Read-only, as transformers 5.17's Cache declares them (as deprecated
+    # properties); 5.23 dropped them. Either way they are the sizes given.
+    @property
+    def max_batch_size(self) -> int:
+        return self._backing.max_batch
+
+    @property
+    def max_cache_len(self) -> int:
+        return self._backing.max_len
 
     @property
     def batch_size(self) -> int:
