@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from ellm_alloc.kv import (
     ChunkedLocalSpec, FullAttentionSpec, MambaSpec, MLASpec, ModelKVSpec, SlidingWindowSpec, plan_layout,
 )
+from ellm_alloc.kv.layout import _pad_to_fit
 
 KiB, MiB = 1 << 10, 1 << 20
 CHUNK = 2 * MiB
@@ -67,7 +68,6 @@ PAD_ROWS = [
     (MAMBA, 3, 16, 16 * MiB, 2 * KiB, 2 * MiB),
     # A small page larger than the chunk: 3 MiB -> lcm 6 MiB.
     (FullAttentionSpec(8, 128, "float32"), 3, 128, 8 * MiB, 3 * MiB, 6 * MiB),
-    (FullAttentionSpec(8, 128, "float32"), 3, 128, 4 * MiB, 4 * MiB, 4 * MiB),
 ]
 
 
@@ -85,6 +85,69 @@ def test_padding_only_when_the_lcm_exceeds_the_limit(spec, n, bs, limit, padded,
         assert lay.notes == () and g.padding_bytes == 0
 
 
+GEMMA3_4B_SLIDING = SlidingWindowSpec(4, 256, "bfloat16", window=1024)  # 64 KiB per layer and block
+JAMBA_MAMBA = MambaSpec(dtype="bfloat16", conv_shape=(8192, 4), ssm_shape=(8192, 16))  # 320 KiB state
+
+# (spec, layers, block_size, limit, [(layers, padded small page, large page) per group])
+SPLIT_ROWS = [
+    # 29 x 64 KiB = 1.81 MiB: one group would pad to 1.875 MiB in 30 MiB pages;
+    # 28 + 1 layers need no padding, in 14 + 2 MiB pages.
+    (GEMMA3_4B_SLIDING, 29, 16, 32 * MiB, [(28, 28 * 64 * KiB, 14 * MiB), (1, 64 * KiB, 2 * MiB)]),
+    # 3 MiB with a 4 MiB limit: padded to one 4 MiB block per page, or 2 + 1 layers in 2 MiB pages.
+    (FullAttentionSpec(8, 128, "float32"), 3, 128, 4 * MiB, [(2, 2 * MiB, 2 * MiB), (1, MiB, 2 * MiB)]),
+    # 28 Mamba states: 24 + 4 layers would need 30 + 10 MiB pages against one padded
+    # 18 MiB page (2 states of 8.75 + 0.25 MiB): no split.
+    (JAMBA_MAMBA, 28, 16, 32 * MiB, [(28, 9 * MiB, 18 * MiB)]),
+    # 10 x 320 KiB = 25 x 128 KiB: lcm 50 MiB. Padded to 13 x 256 KiB it needs 26 MiB
+    # pages; 8 + 2 layers fit 10 + 10 MiB pages exactly: split.
+    (JAMBA_MAMBA, 10, 16, 32 * MiB, [(8, 8 * 320 * KiB, 10 * MiB), (2, 2 * 320 * KiB, 10 * MiB)]),
+    # A whole-spec state above the limit (150 x 320 KiB = 46.9 MiB): as few equal groups
+    # as fit (102 states at most per 32 MiB), each then padded (23.4 MiB to 24 MiB).
+    (JAMBA_MAMBA, 150, 16, 32 * MiB, [(75, 24 * MiB, 24 * MiB)] * 2),
+]
+
+
+@pytest.mark.parametrize("spec,n,bs,limit,expected", SPLIT_ROWS)
+def test_split_into_groups_only_when_it_removes_padding_without_larger_pages(spec, n, bs, limit, expected):
+    lay = plan_layout(ModelKVSpec("m", (spec,) * n), bs, CHUNK, max_large_page_bytes=limit)
+    got = [(len(g.layers), g.padded_small_bytes, g.large_page_bytes) for g in lay.groups]
+    assert len(got) == len(expected)
+    for (layers, padded, large), g in zip(expected, lay.groups):
+        assert len(g.layers) == layers
+        assert (g.padded_small_bytes, g.large_page_bytes) == (padded, large)
+        assert g.large_page_bytes <= limit and g.large_page_bytes % g.padded_small_bytes == 0
+    # Every layer in exactly one group, in order; the groups share the spec.
+    assert [i for g in lay.groups for i in g.layers] == list(range(n))
+    assert {g.spec for g in lay.groups} == {spec}
+    if len(got) > 1:
+        assert any("split into groups" in note for note in lay.notes)
+
+
+def test_split_groups_serve_requests_like_one(make_pool):
+    """A split spec still holds every layer of every request: data round-trips
+    through each layer's paged tensor."""
+    from ellm_alloc.kv import KVCacheManager
+
+    pool = make_pool("256MiB")
+    spec = FullAttentionSpec(8, 128, "float32")  # 4 KiB/token/plane: 1 MiB blocks of 128 tokens per layer
+    mgr = KVCacheManager(ModelKVSpec("m", (spec,) * 3), pool, block_size=128, max_large_page_bytes=4 * MiB)
+    assert [len(g.layers) for g in mgr.layout.groups] == [2, 1]
+    mgr.add_request("r", list(range(300)))
+    assert mgr.allocate_slots("r", 300)
+    for layer in range(3):
+        k, v = mgr.layer_tensors(layer)
+        for b in mgr.block_table("r", layer):
+            k[b].fill_(layer + 1)
+            v[b].fill_(-(layer + 1))
+    for layer in range(3):
+        k, v = mgr.layer_tensors(layer)
+        assert all(bool((k[b] == layer + 1).all() and (v[b] == -(layer + 1)).all())
+                   for b in mgr.block_table("r", layer))
+    mgr.check()
+    mgr.free("r")
+    mgr.close()
+
+
 def test_large_pages_are_per_group():
     model = ModelKVSpec("m", (FULL, FULL, FULL, MAMBA))
     lay = plan_layout(model, 16, CHUNK)
@@ -100,31 +163,41 @@ def test_large_pages_are_per_group():
 def test_padding_properties(kv_heads, head_dim, layers, bs, limit_chunks):
     spec = FullAttentionSpec(kv_heads, head_dim, "bfloat16")
     limit = limit_chunks * CHUNK
-    small = bs * spec.bytes_per_token() * layers
+    per_layer = bs * spec.bytes_per_token()
+    small = per_layer * layers
     model = ModelKVSpec("m", (spec,) * layers)
-    if small > limit:
+    if per_layer > limit:
         with pytest.raises(ValueError, match=str(limit)):
             plan_layout(model, bs, CHUNK, max_large_page_bytes=limit)
         return
-    (g,) = plan_layout(model, bs, CHUNK, max_large_page_bytes=limit).groups
-    assert g.small_page_bytes == small
-    assert g.large_page_bytes == math.lcm(CHUNK, g.padded_small_bytes) <= limit
-    assert g.large_page_bytes % g.padded_small_bytes == 0
+    groups = plan_layout(model, bs, CHUNK, max_large_page_bytes=limit).groups
+    assert [i for g in groups for i in g.layers] == list(range(layers))
+    for g in groups:
+        assert g.small_page_bytes == per_layer * len(g.layers)
+        assert g.large_page_bytes == math.lcm(CHUNK, g.padded_small_bytes) <= limit
+        assert g.large_page_bytes % g.padded_small_bytes == 0
+        if g.padded_small_bytes != g.small_page_bytes:
+            # Padded to a multiple of a power of two, less than double.
+            assert g.small_page_bytes < g.padded_small_bytes < 2 * g.small_page_bytes
+            q = g.padded_small_bytes & -g.padded_small_bytes
+            assert g.padded_small_bytes == -(-g.small_page_bytes // q) * q
     if math.lcm(CHUNK, small) <= limit:
-        assert g.padded_small_bytes == small
-    else:
-        # Padded to a multiple of a power of two, less than double.
-        assert small < g.padded_small_bytes < 2 * small
-        q = g.padded_small_bytes & -g.padded_small_bytes
-        assert g.padded_small_bytes == -(-small // q) * q
+        assert len(groups) == 1 and groups[0].padded_small_bytes == small
+    elif len(groups) > 1 and small <= limit:
+        # A split removes all padding and its pages together are no larger than the padded one.
+        assert all(g.padding_bytes == 0 for g in groups)
+        assert sum(g.large_page_bytes for g in groups) <= math.lcm(CHUNK, _pad_to_fit(small, CHUNK, limit))
 
 
 def test_block_larger_than_any_large_page_names_the_limit():
-    model = ModelKVSpec("m", (FullAttentionSpec(8, 128, "float32"),) * 2)  # 8 KiB/token
-    with pytest.raises(ValueError, match=r"33554432 B.*block_size \(now 4096\)"):
-        plan_layout(model, 4096, CHUNK)  # 64 MiB block, default limit 16 chunks
+    model = ModelKVSpec("m", (FullAttentionSpec(8, 128, "float32"),) * 2)  # 8 KiB/token per layer
+    with pytest.raises(ValueError, match=r"33554432 B.*block_size \(now 8192\)"):
+        plan_layout(model, 8192, CHUNK)  # 64 MiB per layer's block, default limit 16 chunks
     with pytest.raises(ValueError, match="4194304"):
-        plan_layout(model, 512, CHUNK, max_large_page_bytes=4 * MiB)  # 8 MiB block
+        plan_layout(model, 1024, CHUNK, max_large_page_bytes=4 * MiB)  # 8 MiB per layer's block
+    # A block of both layers above the limit, but not one layer's: one group per layer.
+    lay = plan_layout(model, 512, CHUNK, max_large_page_bytes=4 * MiB)
+    assert [(g.layers, g.large_page_bytes) for g in lay.groups] == [((0,), 4 * MiB), ((1,), 4 * MiB)]
 
 
 def test_no_padding_fits_names_the_limit():

@@ -124,6 +124,41 @@ def _pad_to_fit(small: int, chunk: int, limit: int) -> int:
     raise ValueError(f"no padding of a {small} B small page fits a large page of at most {limit} B")
 
 
+def _split_sizes(per_layer: int, n: int, chunk: int, limit: int, max_parts: int = 3) -> list[int]:
+    """How many layers each group of one spec gets.
+
+    One group when its large page needs no padding. Otherwise the fewest
+    groups (at most max_parts, largest first) whose pages need none, taken
+    only if their large pages together are no larger than the padded group's
+    one: padding goes and the memory a partly used page can strand does not
+    grow. 29 Gemma-3-4B sliding layers of 64 KiB blocks would pad 1.81 MiB to
+    1.875 MiB in 30 MiB pages; 28 + 1 layers fit 14 MiB and 2 MiB pages
+    exactly. Jamba's 28 Mamba states would need 30 + 10 MiB pages against one
+    padded 18 MiB page, so they stay one padded group. When even one layer's
+    blocks of the whole spec exceed the limit (a large Mamba state), as few
+    equal groups as keep every block within it."""
+    def page(k: int) -> int:
+        return math.lcm(chunk, k * per_layer)
+
+    if page(n) <= limit:
+        return [n]
+    if n * per_layer > limit:
+        per_group = limit // per_layer  # >= 1: the caller checked per_layer <= limit
+        groups = -(-n // per_group)
+        return [n // groups + (i < n % groups) for i in range(groups)]
+    padded_page = math.lcm(chunk, _pad_to_fit(n * per_layer, chunk, limit))
+    parts, rest = [], n
+    while rest and len(parts) < max_parts:
+        k = next((k for k in range(rest, 0, -1) if page(k) <= limit), 0)
+        if not k:
+            break
+        parts.append(k)
+        rest -= k
+    if rest == 0 and sum(page(k) for k in parts) <= padded_page:
+        return parts
+    return [n]
+
+
 def plan_layout(model: ModelKVSpec, block_size: int, chunk_bytes: int,
                 max_large_page_bytes: int | None = None, uniform_pages: bool = False) -> PageLayout:
     """Groups the model's layers and sizes the pages. Raises ValueError when a
@@ -144,18 +179,33 @@ def plan_layout(model: ModelKVSpec, block_size: int, chunk_bytes: int,
     if not by_spec:
         raise ValueError("the model has no layers")
     raw = []
+    notes = []
     for spec, layers in by_spec.items():
-        small = small_page_bytes(spec, len(layers), block_size)
-        if small <= 0:
+        per_layer = small_page_bytes(spec, 1, block_size)
+        if per_layer <= 0:
             raise ValueError(f"layers {layers} ({spec.kind}) need 0 bytes per block")
-        if small > limit:
+        if per_layer > limit:
+            raise ValueError(
+                f"a {spec.kind} block of layer {layers[0]} needs {per_layer} B, more than the largest "
+                f"feasible large page ({limit} B); lower block_size (now {block_size}) or raise "
+                "max_large_page_bytes"
+            )
+        parts = [len(layers)] if uniform_pages else _split_sizes(per_layer, len(layers), chunk_bytes, limit)
+        if uniform_pages and per_layer * len(layers) > limit:
             raise ValueError(
                 f"a {spec.kind} block of layers {layers[:4]}{'...' if len(layers) > 4 else ''} needs "
-                f"{small} B, more than the largest feasible large page ({limit} B); lower block_size "
-                f"(now {block_size}) or raise max_large_page_bytes"
+                f"{per_layer * len(layers)} B, more than the largest feasible large page ({limit} B); "
+                f"lower block_size (now {block_size}) or raise max_large_page_bytes"
             )
-        raw.append((spec, tuple(layers), small))
-    notes = []
+        if len(parts) > 1:
+            why = ("so that their pages need no padding"
+                   if all(math.lcm(chunk_bytes, k * per_layer) <= limit for k in parts)
+                   else f"so that every block fits a {limit} B page")
+            notes.append(f"{len(layers)} {spec.kind} layers split into groups of {parts} layers {why}")
+        start = 0
+        for k in parts:
+            raw.append((spec, tuple(layers[start:start + k]), per_layer * k))
+            start += k
     if uniform_pages:
         biggest = _pad_to_fit(max(small for _, _, small in raw), chunk_bytes, limit)
         large = math.lcm(chunk_bytes, biggest)
