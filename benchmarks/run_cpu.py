@@ -2,6 +2,7 @@
 benchmarks/results/cpu_*.json.
 
     python benchmarks/run_cpu.py [replay] [hotpath] [kv] [kvspecs] [generate]   (default: all)
+    python benchmarks/run_cpu.py table        # the README's KV table, from the stored results
 
 Every file holds the exact command, the date, the machine (CPU model, cores)
 and the torch / transformers / Python versions next to the benchmark's own
@@ -60,7 +61,35 @@ def run(args: list[str], name: str, env: dict | None = None) -> None:
     (OUT / f"cpu_{name}.json").write_text(json.dumps(doc, indent=1) + "\n")
 
 
+def kv_table() -> str:
+    """Markdown rows of the README's KV table, read from cpu_kv_*.json."""
+    def util(x: dict) -> str:
+        if "error" in x:
+            return "cannot serve"
+        return f"{x['utilisation_time_avg']:.3f} / {x['utilisation_at_peak']:.3f}"
+
+    def each(res: list[dict], key: str) -> str:
+        return " / ".join("-" if "error" in x else str(x[key]) for x in res)
+
+    rows = ["| model | workload | budget | ellm_alloc | max-page baseline | static partition "
+            "| peak requests (ellm / max-page / static) | preemptions | hit rate (ellm) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name in PRESETS + OUT_OF_SAMPLE_SPECS:
+        doc = json.loads((OUT / f"cpu_kv_{name}.json").read_text())
+        for r in doc["report"]["reports"]:
+            res = r["results"]
+            ellm = res[0]
+            hit = "-" if "error" in ellm else f"{ellm['prefix_hit_rate']:.3f}"
+            rows.append(f"| {name} | {r['workload']} | {r['budget_bytes'] >> 30} GiB | "
+                        + " | ".join(util(x) for x in res)
+                        + f" | {each(res, 'peak_concurrent_requests')} | {each(res, 'preemptions')} | {hit} |")
+    return "\n".join(rows)
+
+
 def main(parts: list[str]) -> None:
+    if parts == ["table"]:
+        print(kv_table())
+        return
     parts = parts or ["replay", "hotpath", "kv", "generate"]  # kv includes kvspecs
     if "replay" in parts:
         traces = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "benchmarks" / "traces").glob("*.trace"))

@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# The GPU tier in one call, for a lent GPU machine:
+#   build -> pytest tests/gpu -> bench gpu -> bench generate (long prompts, largest batch)
+#
+#   OUT=/some/dir bash benchmarks/run_gpu.sh        (the device tool sets $OUT)
+#
+# That machine has no network: the library is built with the image's cmake and
+# nvcc into build/gpu/ and loaded through ELLM_ALLOC_LIB, and everything runs
+# under the image's python3 and its torch / transformers (no venv, no pip).
+# Logs go to $OUT (default gpu_out/); figures to benchmarks/results/gpu_*.json,
+# each with the device, driver, torch version, date and command. A summary
+# table is printed last.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-gpu_out}
+mkdir -p "$out"
+py=${PYTHON:-python3}
+status=0
+
+step() { printf '\n== %s\n' "$*"; }
+
+step "build (cmake + nvcc)"
+if ! { cmake -S . -B build/gpu -DCMAKE_BUILD_TYPE=Release && cmake --build build/gpu -j; } > "$out/build.log" 2>&1; then
+  tail -40 "$out/build.log"
+  exit 1
+fi
+export ELLM_ALLOC_LIB=$PWD/build/gpu/libellm_alloc_core.so
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+$py - <<'EOF' | tee "$out/facts.txt"
+import ellm_alloc._native as N, torch, transformers
+print(N.build_info(), "| torch", torch.__version__, "| transformers", transformers.__version__,
+      "|", torch.cuda.get_device_name())
+EOF
+
+step "pytest tests/gpu"
+timeout 400 $py -m pytest -v -p no:cacheprovider tests/gpu > "$out/pytest_gpu.log" 2>&1 || status=1
+grep -E "PASSED|FAILED|ERROR|passed|failed" "$out/pytest_gpu.log" | tail -20
+
+step "bench gpu (native vs expandable_segments vs ellm_alloc)"
+timeout 300 $py -m ellm_alloc.bench gpu --out benchmarks/results/gpu_allocator.json \
+  > "$out/bench_gpu.log" 2>&1 || status=1
+tail -5 "$out/bench_gpu.log"
+
+# eLLM's long-context check: an 8B KV shape (all 32 layers, bfloat16) with
+# 32K-token prompts; the largest batch whose KV fits 64 GiB, per cache.
+step "bench generate, llama3-8b KV shape, 32K prompts"
+cmd=(-m ellm_alloc.bench generate --model llama3-8b --layers 32 --batch 1 --prompt-len 32768
+     --new-tokens 32 --repeats 1 --find-max-batch --budget 64GiB --no-progress --json)
+if timeout 240 $py "${cmd[@]}" > "$out/bench_generate_32k.log" 2> "$out/bench_generate_32k.err"; then
+  $py - "$out/bench_generate_32k.log" benchmarks/results/gpu_generate_llama3-8b_32k.json "${cmd[*]}" <<'EOF'
+import datetime, json, sys
+import torch
+log, dest, cmd = sys.argv[1:]
+report = json.loads(open(log).read().strip().splitlines()[-1])
+try:
+    import pynvml
+    pynvml.nvmlInit()
+    driver = pynvml.nvmlSystemGetDriverVersion()
+except Exception as e:  # say so rather than guess
+    driver = f"unknown ({e})"
+doc = {"device": torch.cuda.get_device_name(), "driver": driver, "torch": torch.__version__,
+       "cuda": torch.version.cuda, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+       "command": "python " + cmd, "report": report}
+open(dest, "w").write(json.dumps(doc, indent=1) + "\n")
+EOF
+else
+  status=1
+  tail -20 "$out/bench_generate_32k.err"
+fi
+
+cp benchmarks/results/gpu_*.json "$out/" 2>/dev/null
+step "summary"
+$py - <<'EOF'
+import glob, json
+for path in sorted(glob.glob("benchmarks/results/gpu_*.json")):
+    d = json.load(open(path))
+    print(path, "|", d.get("device"), "| driver", d.get("driver"), "| torch", d.get("torch"))
+    for mode, r in d.get("results", {}).items():
+        print(f"  {mode:>10}: pair {r['pair_ns']:.0f} ns ({r['pair_ratio_to_native']:.2f}x native), "
+              f"peak reserved / allocated {r['reserved_over_allocated']:.3f}")
+    rep = d.get("report", {})
+    for cache, r in rep.get("results", {}).items():
+        print(f"  {cache:>10}: peak KV {r['peak_kv_bytes'] / 2**30:.2f} GiB, {r['tokens_per_s']:.1f} tok/s")
+    if "max_batch" in rep:
+        print("  largest batch within the budget:", rep["max_batch"])
+EOF
+exit $status
