@@ -20,7 +20,7 @@ status=0
 step() { printf '\n== %s\n' "$*"; }
 
 step "build (cmake + nvcc)"
-if ! { cmake -S . -B build/gpu -DCMAKE_BUILD_TYPE=Release && cmake --build build/gpu -j; } > "$out/build.log" 2>&1; then
+if ! { cmake -S . -B build/gpu && cmake --build build/gpu -j; } > "$out/build.log" 2>&1; then
   tail -40 "$out/build.log"
   exit 1
 fi
