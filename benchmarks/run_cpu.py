@@ -23,7 +23,9 @@ OUT = ROOT / "benchmarks" / "results"
 # Published configs that are not presets: the same spec JSON, never tuned for.
 # bench kv's default budget raises itself for a workload's longest request
 # (Phi-3-mini has no GQA: one 45K-token document takes 17 GiB).
-OUT_OF_SAMPLE_SPECS = ["deepseek-v2-lite-like", "phi3-mini-like"]
+OUT_OF_SAMPLE_SPECS = ["deepseek-v2-lite-like", "phi3-mini-like", "gemma3-4b-like", "gemma2-9b-like",
+                       "command-r7b-like", "gpt-oss-20b-like", "qwen3-8b-like", "llama3.1-70b-like",
+                       "mamba-2.8b-like", "qwen3-next-like"]
 PRESETS = ["llama3-8b", "gemma3-12b-like", "llama4-scout-like", "jamba-like", "mllama-like",
            "mistral-7b-v0.1", "qwen2.5-7b"]
 

@@ -562,3 +562,15 @@ def test_unknown_preset_lists_names():
 
     with pytest.raises(ValueError, match=r"unknown KV preset 'llama3-9b'; known presets: llama3-8b, gemma3-12b-like"):
         get_preset("llama3-9b")
+
+
+@pytest.mark.parametrize("path", sorted(SPECS_DIR.glob("*.json")), ids=lambda p: p.stem)
+def test_every_shipped_spec_loads_and_has_a_layout(path):
+    """The spec files bench kv reads (presets and out-of-sample configs) parse,
+    name themselves after their file, and give a page layout at the default sizes."""
+    from ellm_alloc.kv import plan_layout
+
+    spec = ModelKVSpec.from_json(path)
+    assert spec.name == path.stem
+    layout = plan_layout(spec, 16, 2 << 20)
+    assert sorted(i for g in layout.groups for i in g.layers) == list(range(spec.num_layers))
