@@ -347,6 +347,46 @@ def mixtral_8x7b_config(num_layers: int):
     )
 
 
+def llama32_1b_config(num_layers: int):
+    """Llama-3.2-1B dimensions (tied embeddings)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=num_layers,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=131072,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        bos_token_id=128000,
+        eos_token_id=128001,
+        tie_word_embeddings=True,
+    )
+
+
+def qwen25_05b_config(num_layers: int):
+    """Qwen2.5-0.5B dimensions (2 KV heads of 64, tied embeddings)."""
+    from transformers import Qwen2Config
+
+    return Qwen2Config(
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=num_layers,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+        rms_norm_eps=1e-6,
+        rope_theta=1e6,
+        bos_token_id=151643,
+        eos_token_id=151645,
+        tie_word_embeddings=True,
+    )
+
+
 def build_model(config):
     """Model on meta in bf16, with the attention/expert kernels a GPU run selects."""
     torch = _torch_imports()[0]
@@ -503,6 +543,19 @@ RECORDED = {
         [(1, 256, 16), (8, 512, 16), (2, 2048, 8), (32, 128, 8)],
         "Mixture-of-experts generate calls with mixed batch/prompt sizes (grouped_mm experts, top-2 of 8).",
     ),
+    # Small models: a few GB live, so a partly used 2 MiB chunk weighs more.
+    "small_llama_mixed": (
+        "llama3.2-1b",
+        16,
+        [(1, 37, 64), (3, 511, 48), (8, 100, 32), (2, 2000, 16)],
+        "A 1B model: generate calls with odd prompt lengths and mixed batches, one after another.",
+    ),
+    "small_qwen_chat": (
+        "qwen2.5-0.5b",
+        24,
+        [(1, 13, 80), (4, 257, 40), (16, 64, 24), (1, 4096, 8)],
+        "A 0.5B model with 2 KV heads: short chats, a batch of 16, then one 4K-token prompt.",
+    ),
 }
 
 # Small workloads for --compare-cuda (fit any 80 GB GPU with random weights).
@@ -511,7 +564,7 @@ COMPARE_WORKLOADS = [
     ("mixtral-8x7b", 2, [(2, 256, 4)]),
 ]
 
-PUBLISHED_LAYERS = {"llama3-8b": 32, "mixtral-8x7b": 32}
+PUBLISHED_LAYERS = {"llama3-8b": 32, "mixtral-8x7b": 32, "llama3.2-1b": 16, "qwen2.5-0.5b": 24}
 
 MODELS = {
     "llama3-8b": (
@@ -527,6 +580,14 @@ MODELS = {
             "Mixtral-8x7B dims: hidden 4096, 32 heads (head_dim 128), 8 KV heads, "
             "8 experts top-2, expert intermediate 14336, vocab 32000"
         ),
+    ),
+    "llama3.2-1b": (
+        llama32_1b_config,
+        "Llama-3.2-1B dims: hidden 2048, 32 heads (head_dim 64), 8 KV heads, intermediate 8192, vocab 128256, tied",
+    ),
+    "qwen2.5-0.5b": (
+        qwen25_05b_config,
+        "Qwen2.5-0.5B dims: hidden 896, 14 heads (head_dim 64), 2 KV heads, intermediate 4864, vocab 151936, tied",
     ),
 }
 
