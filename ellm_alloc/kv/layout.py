@@ -13,8 +13,10 @@ large page only has to be a multiple of the chunk. Taking the lcm over every
 group only makes some groups' pages larger than they need to be (Gemma-3's
 1 MiB global blocks would sit in 10 MiB pages), which costs memory whenever
 a request leaves a page partly filled. When a group's lcm is still too large,
-its small page is padded up (to a multiple of the smallest power of two that
-brings the lcm within the limit) and the padding is reported.
+its layers are split into a few groups whose pages need no padding, if their
+pages together are no larger than the padded one would be (_split_sizes);
+otherwise its small page is padded up (to a multiple of the smallest power of
+two that brings the lcm within the limit). Both are reported in the notes.
 
 Inside a small page the bytes are laid out [layer][K, V][token][head][dim], so
 one layer's K for one block is dense (kernels read it in one sweep) and every
@@ -184,19 +186,8 @@ def plan_layout(model: ModelKVSpec, block_size: int, chunk_bytes: int,
         per_layer = small_page_bytes(spec, 1, block_size)
         if per_layer <= 0:
             raise ValueError(f"layers {layers} ({spec.kind}) need 0 bytes per block")
-        if per_layer > limit:
-            raise ValueError(
-                f"a {spec.kind} block of layer {layers[0]} needs {per_layer} B, more than the largest "
-                f"feasible large page ({limit} B); lower block_size (now {block_size}) or raise "
-                "max_large_page_bytes"
-            )
-        parts = [len(layers)] if uniform_pages else _split_sizes(per_layer, len(layers), chunk_bytes, limit)
-        if uniform_pages and per_layer * len(layers) > limit:
-            raise ValueError(
-                f"a {spec.kind} block of layers {layers[:4]}{'...' if len(layers) > 4 else ''} needs "
-                f"{per_layer * len(layers)} B, more than the largest feasible large page ({limit} B); "
-                f"lower block_size (now {block_size}) or raise max_large_page_bytes"
-            )
+        splittable = per_layer <= limit and not uniform_pages
+        parts = _split_sizes(per_layer, len(layers), chunk_bytes, limit) if splittable else [len(layers)]
         if len(parts) > 1:
             why = ("so that their pages need no padding"
                    if all(math.lcm(chunk_bytes, k * per_layer) <= limit for k in parts)
@@ -204,8 +195,15 @@ def plan_layout(model: ModelKVSpec, block_size: int, chunk_bytes: int,
             notes.append(f"{len(layers)} {spec.kind} layers split into groups of {parts} layers {why}")
         start = 0
         for k in parts:
-            raw.append((spec, tuple(layers[start:start + k]), per_layer * k))
+            part, small = tuple(layers[start:start + k]), per_layer * k
             start += k
+            if small > limit:
+                raise ValueError(
+                    f"a {spec.kind} block of layers {part[:4]}{'...' if len(part) > 4 else ''} needs "
+                    f"{small} B, more than the largest feasible large page ({limit} B); lower block_size "
+                    f"(now {block_size}) or raise max_large_page_bytes"
+                )
+            raw.append((spec, part, small))
     if uniform_pages:
         biggest = _pad_to_fit(max(small for _, _, small in raw), chunk_bytes, limit)
         large = math.lcm(chunk_bytes, biggest)
