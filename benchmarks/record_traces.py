@@ -75,6 +75,7 @@ library.
 from __future__ import annotations
 
 import argparse
+from functools import partial
 import gc
 import math
 import random
@@ -303,88 +304,39 @@ def make_gpu_attention_mode(backend: str = "cudnn"):
 # --------------------------------------------------------------------------
 
 
-def llama3_8b_config(num_layers: int):
-    """Meta-Llama-3-8B dimensions (config.json of the published checkpoint)."""
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=128256,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=num_layers,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        # Llama-3-8B was published with 8192; 131072 (Llama-3.1's) keeps the
-        # 32k prompt of long_prefill_decode in range.  No tensor depends on it.
-        max_position_embeddings=131072,
-        rms_norm_eps=1e-5,
-        rope_theta=500000.0,
-        bos_token_id=128000,
-        eos_token_id=128001,
-        tie_word_embeddings=False,
-    )
-
-
-def mixtral_8x7b_config(num_layers: int):
-    """Mixtral-8x7B-v0.1 dimensions (8 experts, top-2)."""
-    from transformers import MixtralConfig
-
-    return MixtralConfig(
-        vocab_size=32000,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=num_layers,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        num_local_experts=8,
-        num_experts_per_tok=2,
-        max_position_embeddings=32768,
-        rms_norm_eps=1e-5,
-        rope_theta=1e6,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-    )
+# Published dimensions of each family; num_hidden_layers is set per trace.
+CONFIG_DIMS = {
+    # Meta-Llama-3-8B (config.json of the published checkpoint). It was published
+    # with max_position_embeddings 8192; 131072 (Llama-3.1's) keeps the 32k prompt
+    # of long_prefill_decode in range. No tensor depends on it.
+    "llama3-8b": ("LlamaConfig", dict(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+        num_key_value_heads=8, max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
+        bos_token_id=128000, eos_token_id=128001, tie_word_embeddings=False)),
+    # Mixtral-8x7B-v0.1 (8 experts, top-2).
+    "mixtral-8x7b": ("MixtralConfig", dict(
+        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+        num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=32768,
+        rms_norm_eps=1e-5, rope_theta=1e6, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)),
+    # Llama-3.2-1B (tied embeddings).
+    "llama3.2-1b": ("LlamaConfig", dict(
+        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_attention_heads=32,
+        num_key_value_heads=8, max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
+        bos_token_id=128000, eos_token_id=128001, tie_word_embeddings=True)),
+    # Qwen2.5-0.5B (2 KV heads of 64, tied embeddings).
+    "qwen2.5-0.5b": ("Qwen2Config", dict(
+        vocab_size=151936, hidden_size=896, intermediate_size=4864, num_attention_heads=14,
+        num_key_value_heads=2, max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1e6,
+        bos_token_id=151643, eos_token_id=151645, tie_word_embeddings=True)),
+}
 
 
-def llama32_1b_config(num_layers: int):
-    """Llama-3.2-1B dimensions (tied embeddings)."""
-    from transformers import LlamaConfig
+def make_config(family: str, num_layers: int):
+    """The transformers config of `family` with `num_layers` decoder layers."""
+    import transformers
 
-    return LlamaConfig(
-        vocab_size=128256,
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=num_layers,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        max_position_embeddings=131072,
-        rms_norm_eps=1e-5,
-        rope_theta=500000.0,
-        bos_token_id=128000,
-        eos_token_id=128001,
-        tie_word_embeddings=True,
-    )
-
-
-def qwen25_05b_config(num_layers: int):
-    """Qwen2.5-0.5B dimensions (2 KV heads of 64, tied embeddings)."""
-    from transformers import Qwen2Config
-
-    return Qwen2Config(
-        vocab_size=151936,
-        hidden_size=896,
-        intermediate_size=4864,
-        num_hidden_layers=num_layers,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        max_position_embeddings=32768,
-        rms_norm_eps=1e-6,
-        rope_theta=1e6,
-        bos_token_id=151643,
-        eos_token_id=151645,
-        tie_word_embeddings=True,
-    )
+    cls, dims = CONFIG_DIMS[family]
+    return getattr(transformers, cls)(num_hidden_layers=num_layers, **dims)
 
 
 def build_model(config):
@@ -568,25 +520,25 @@ PUBLISHED_LAYERS = {"llama3-8b": 32, "mixtral-8x7b": 32, "llama3.2-1b": 16, "qwe
 
 MODELS = {
     "llama3-8b": (
-        llama3_8b_config,
+        partial(make_config, "llama3-8b"),
         (
             "Meta-Llama-3-8B dims: hidden 4096, 32 heads (head_dim 128), 8 KV heads, "
             "intermediate 14336, vocab 128256, rope_theta 5e5"
         ),
     ),
     "mixtral-8x7b": (
-        mixtral_8x7b_config,
+        partial(make_config, "mixtral-8x7b"),
         (
             "Mixtral-8x7B dims: hidden 4096, 32 heads (head_dim 128), 8 KV heads, "
             "8 experts top-2, expert intermediate 14336, vocab 32000"
         ),
     ),
     "llama3.2-1b": (
-        llama32_1b_config,
+        partial(make_config, "llama3.2-1b"),
         "Llama-3.2-1B dims: hidden 2048, 32 heads (head_dim 64), 8 KV heads, intermediate 8192, vocab 128256, tied",
     ),
     "qwen2.5-0.5b": (
-        qwen25_05b_config,
+        partial(make_config, "qwen2.5-0.5b"),
         "Qwen2.5-0.5B dims: hidden 896, 14 heads (head_dim 64), 2 KV heads, intermediate 4864, vocab 151936, tied",
     ),
 }
@@ -597,7 +549,7 @@ def record(name: str, family: str, layers: int, runs, description: str, attentio
     torch = _torch_imports()[0]
     import transformers
 
-    make_config, dims = MODELS[family]
+    config_for, dims = MODELS[family]
     trace = Trace(name)
     trace.header = [
         f"ellm_alloc allocation trace: {name}",
@@ -611,7 +563,7 @@ def record(name: str, family: str, layers: int, runs, description: str, attentio
         "weights are the first allocations and the last frees.",
     ]
 
-    model = build_model(make_config(layers))
+    model = build_model(config_for(layers))
     recorder = make_recorder_class()(trace)
     # no_grad, as generate() runs under it.
     with torch.no_grad(), make_gpu_attention_mode(attention)(), recorder:
@@ -696,7 +648,7 @@ def compare_with_cuda(out_dir: Path, family: str, layers: int, runs, attention: 
     import json
 
     torch = _torch_imports()[0]
-    make_config, _ = MODELS[family]
+    config_for, _ = MODELS[family]
 
     # Meta side, activations only: drop the weight events before the first request.
     meta = record("compare_meta", family, layers, runs, f"compare {family} {layers} layers", attention)
@@ -713,7 +665,7 @@ def compare_with_cuda(out_dir: Path, family: str, layers: int, runs, attention: 
             meta_ev.append((kind, int(aid), cuda_block_bytes(int(rest[0])) if rest else 0))
 
     # GPU side: same model code, real tensors (random weights; only shapes matter).
-    model = build_model(make_config(layers)).to_empty(device="cuda")
+    model = build_model(config_for(layers)).to_empty(device="cuda")
     with torch.no_grad():
         for param in model.parameters():
             param.normal_(0.0, 0.02)
