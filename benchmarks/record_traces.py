@@ -304,25 +304,25 @@ def make_gpu_attention_mode(backend: str = "cudnn"):
 # --------------------------------------------------------------------------
 
 
+# Meta-Llama-3-8B (config.json of the published checkpoint). It was published
+# with max_position_embeddings 8192; 131072 (Llama-3.1's) keeps the 32k prompt
+# of long_prefill_decode in range. No tensor depends on it.
+_LLAMA3_8B = dict(
+    vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+    num_key_value_heads=8, max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
+    bos_token_id=128000, eos_token_id=128001, tie_word_embeddings=False)
+
 # Published dimensions of each family; num_hidden_layers is set per trace.
 CONFIG_DIMS = {
-    # Meta-Llama-3-8B (config.json of the published checkpoint). It was published
-    # with max_position_embeddings 8192; 131072 (Llama-3.1's) keeps the 32k prompt
-    # of long_prefill_decode in range. No tensor depends on it.
-    "llama3-8b": ("LlamaConfig", dict(
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
-        num_key_value_heads=8, max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
-        bos_token_id=128000, eos_token_id=128001, tie_word_embeddings=False)),
+    "llama3-8b": ("LlamaConfig", _LLAMA3_8B),
     # Mixtral-8x7B-v0.1 (8 experts, top-2).
     "mixtral-8x7b": ("MixtralConfig", dict(
         vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
         num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=32768,
         rms_norm_eps=1e-5, rope_theta=1e6, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)),
-    # Llama-3.2-1B (tied embeddings).
-    "llama3.2-1b": ("LlamaConfig", dict(
-        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_attention_heads=32,
-        num_key_value_heads=8, max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
-        bos_token_id=128000, eos_token_id=128001, tie_word_embeddings=True)),
+    # Llama-3.2-1B: Llama-3's vocabulary, heads and RoPE; narrower, with tied embeddings.
+    "llama3.2-1b": ("LlamaConfig", {**_LLAMA3_8B, "hidden_size": 2048, "intermediate_size": 8192,
+                                    "tie_word_embeddings": True}),
     # Qwen2.5-0.5B (2 KV heads of 64, tied embeddings).
     "qwen2.5-0.5b": ("Qwen2Config", dict(
         vocab_size=151936, hidden_size=896, intermediate_size=4864, num_attention_heads=14,

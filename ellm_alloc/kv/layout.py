@@ -189,9 +189,8 @@ def plan_layout(model: ModelKVSpec, block_size: int, chunk_bytes: int,
         splittable = per_layer <= limit and not uniform_pages
         parts = _split_sizes(per_layer, len(layers), chunk_bytes, limit) if splittable else [len(layers)]
         if len(parts) > 1:
-            why = ("so that their pages need no padding"
-                   if all(math.lcm(chunk_bytes, k * per_layer) <= limit for k in parts)
-                   else f"so that every block fits a {limit} B page")
+            why = (f"so that every block fits a {limit} B page" if per_layer * len(layers) > limit
+                   else "so that their pages need no padding")
             notes.append(f"{len(layers)} {spec.kind} layers split into groups of {parts} layers {why}")
         start = 0
         for k in parts:
