@@ -367,11 +367,13 @@ int ellm_kv_map(ellm_kv_space* space, uint32_t page) {
 }
 int ellm_kv_unmap(ellm_kv_space* space, uint32_t page, uintptr_t stream) {
   int r = space->space->unmap_page(page, stream);
-  return r == kOk ? kOk : fail(r, "KV unmap of page " + std::to_string(page) + ": page is not mapped");
+  if (r < 0) fail(-r, "KV unmap of page " + std::to_string(page) + ": page is not mapped");
+  return r;
 }
 int ellm_kv_set_reclaimable(ellm_kv_space* space, uint32_t page, uint32_t priority, uintptr_t stream) {
   int r = space->space->set_reclaimable(page, priority, stream);
-  return r == kOk ? kOk : fail(r, "KV page " + std::to_string(page) + " is not mapped");
+  if (r < 0) fail(-r, "KV page " + std::to_string(page) + " is not mapped");
+  return r;
 }
 int ellm_kv_pin(ellm_kv_space* space, uint32_t page) {
   int r = space->space->pin(page);

@@ -92,6 +92,7 @@ int64_t ellm_kv_destroy(ellm_kv_space* space);  // returns pages still mapped (n
 uintptr_t ellm_kv_base(ellm_kv_space* space);
 int ellm_kv_owner(ellm_kv_space* space);
 int ellm_kv_map(ellm_kv_space* space, uint32_t page);
+// unmap and set_reclaimable: 1 done, 0 the pool had reclaimed the page, <0 error
 int ellm_kv_unmap(ellm_kv_space* space, uint32_t page, uintptr_t stream);
 int ellm_kv_set_reclaimable(ellm_kv_space* space, uint32_t page, uint32_t priority, uintptr_t stream);
 int ellm_kv_pin(ellm_kv_space* space, uint32_t page);  // 1 pinned, 0 was reclaimed, <0 error

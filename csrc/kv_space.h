@@ -15,12 +15,15 @@
 // Protocol with Python: before reusing a reclaimable page Python calls pin();
 // if the page was reclaimed meanwhile pin() says so and Python drops whatever
 // it had cached there. take_reclaimed() lists the pages taken since the last
-// call, so Python can forget their cached blocks.
+// call, so Python can forget their cached blocks. Until then such a page is
+// "reclaimed, unseen": set_reclaimable() on it says so as well, and unmap_page()
+// says so and takes it off the list (Python has just let go of it anyway).
 //
 // GPU safety: unmap and reclaim honour a per-page fence, an event recorded on
 // the stream given when the page stopped being live.
 #pragma once
 
+#include <algorithm>
 #include <mutex>
 #include <set>
 #include <string>
@@ -59,7 +62,8 @@ class KvSpace {
     std::lock_guard<std::mutex> g(mu_);
     if (p >= pages_.size()) return kInvalidArgument;
     Page& pg = pages_[p];
-    if (pg.state != kUnmapped) return kInvalidArgument;
+    // A reclaimed page is mapped again only once Python has seen it go.
+    if (pg.state != kUnmapped || pg.reclaimed_unseen) return kInvalidArgument;
     size_t n = page_bytes_ / chunk_;
     pg.chunks.resize(n);
     int r = pool_->acquire(owner_, n, pg.chunks.data());
@@ -85,20 +89,31 @@ class KvSpace {
   }
 
   // Unmaps a page (pinned or reclaimable) and gives its chunks to the pool,
-  // once the work recorded on `stream` up to now is done.
+  // once the work recorded on `stream` up to now is done. Returns 1, or 0 if
+  // the pool had reclaimed it (it leaves the take_reclaimed() list), or
+  // -status.
   int unmap_page(uint32_t p, StreamId stream) {
     std::lock_guard<std::mutex> g(mu_);
-    if (p >= pages_.size() || pages_[p].state == kUnmapped) return kInvalidArgument;
+    if (p >= pages_.size()) return -kInvalidArgument;
+    if (pages_[p].reclaimed_unseen) {
+      pages_[p].reclaimed_unseen = false;
+      reclaimed_.erase(std::find(reclaimed_.begin(), reclaimed_.end(), p));
+      return 0;
+    }
+    if (pages_[p].state == kUnmapped) return -kInvalidArgument;
     fence_locked(p, stream);
     wait_fence_locked(p);
     unmap_locked(p);
-    return kOk;
+    return 1;
   }
 
-  // The page holds nothing live from now on; the pool may take it.
+  // The page holds nothing live from now on; the pool may take it. Returns
+  // 1, or 0 if the pool had reclaimed it, or -status.
   int set_reclaimable(uint32_t p, uint32_t priority, StreamId stream) {
     std::lock_guard<std::mutex> g(mu_);
-    if (p >= pages_.size() || pages_[p].state == kUnmapped) return kInvalidArgument;
+    if (p >= pages_.size()) return -kInvalidArgument;
+    if (pages_[p].reclaimed_unseen) return 0;
+    if (pages_[p].state == kUnmapped) return -kInvalidArgument;
     Page& pg = pages_[p];
     if (pg.state == kReclaimable) reclaimable_.erase(key(p));
     fence_locked(p, stream);
@@ -106,7 +121,7 @@ class KvSpace {
     pg.priority = priority;
     pg.stamp = ++clock_;
     reclaimable_.insert(key(p));
-    return kOk;
+    return 1;
   }
 
   // Returns 1 if the page is mapped and now pinned, 0 if it had been
@@ -125,6 +140,7 @@ class KvSpace {
     std::lock_guard<std::mutex> g(mu_);
     size_t n = std::min(cap, reclaimed_.size());
     std::copy(reclaimed_.begin(), reclaimed_.begin() + n, out);
+    for (size_t i = 0; i < n; ++i) pages_[reclaimed_[i]].reclaimed_unseen = false;
     reclaimed_.erase(reclaimed_.begin(), reclaimed_.begin() + n);
     return n;
   }
@@ -170,6 +186,7 @@ class KvSpace {
     uint32_t priority = 0;
     uint64_t stamp = 0;
     bool fenced = false;
+    bool reclaimed_unseen = false;  // reclaimed, and still in reclaimed_
     EventHandle fence = 0;
     std::vector<ChunkId> chunks;
   };
@@ -217,6 +234,7 @@ class KvSpace {
       got += pages_[p].chunks.size();
       unmap_locked(p);
       reclaimed_.push_back(p);
+      pages_[p].reclaimed_unseen = true;
       ++reclaimed_total_;
     }
     return got;

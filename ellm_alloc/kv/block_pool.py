@@ -1,19 +1,29 @@
 """GroupBlockPool: one group's small pages, carved from large pages of the pool.
 
-Block (small page) id = large page id * ratio + slot. A large page is mapped
-when its first block is needed and goes back to the pool as soon as none of
-its blocks is live or cached: that is how the KV cache deflates. A page whose
-blocks are only cached (evictable prefix blocks) stays mapped but is marked
-reclaimable in C++, so the torch arena can take it without calling Python;
-`sync()` learns which pages were taken and forgets their cached blocks.
+Block (small page) id = large page id * ratio + slot. A large page is the unit
+of placement and addressing, not of mapping: only the chunks under used
+blocks (live or cached) are mapped, so a request alone in a large page holds
+the chunks its blocks cover, not the whole page. A block may straddle a chunk
+boundary (Mamba-2.8B's 13 MiB states sit two to a 26 MiB page and share the
+middle chunk), so every chunk counts the live and the cached blocks over it:
+
+    mapped     iff  live + cached > 0      (C++ may have reclaimed it since: see sync)
+    pinned     iff  live > 0
+    reclaimable iff live == 0 and cached > 0
+
+A chunk that no used block covers goes back to the pool at once: that is how
+the KV cache deflates. A reclaimable chunk (only evictable prefix blocks over
+it) can be taken by the torch arena without calling Python; `sync()` learns
+which chunks were taken and forgets the cached blocks over them.
 
 Placement is request-aware (Jenga): a request's blocks go to large pages
-opened for it first, then to free slots anywhere, then to a fresh page from
-the pool, and only then is a cached block evicted. Free slots go before fresh
-pages because here a fresh page is not free: it is memory the torch arena
-could use. Pages that end up sparsely used anyway (their other requests
-finished) are packed by compaction: live blocks move into the free slots of
-fuller pages and the emptied pages go back to the pool.
+opened for it first, then to free slots anywhere, then to a fresh page, and
+only when the pool is short to a free slot over mapped chunks or the slot of
+an evicted cached block. Free slots go before fresh pages because here a
+fresh page is not free: it is memory the torch arena could use. Pages that end
+up sparsely used anyway (their other requests finished) are packed by
+compaction: live blocks move into the free slots of fuller pages when that
+unmaps more chunks than it maps.
 """
 from __future__ import annotations
 
@@ -35,59 +45,117 @@ class NoFreeBlocks(Exception):
 
 
 class PageReclaimed(Exception):
-    """A cached page was reclaimed by the pool between sync() and its use."""
+    """A cached block's chunk was reclaimed by the pool between sync() and its use."""
 
 
 class GroupBlockPool:
     def __init__(self, space: PageSpace, layout: PageLayout, group: KVGroup):
+        chunk = layout.chunk_bytes
+        if space.page_bytes != chunk:
+            raise ValueError(f"a KV space for a block pool maps single chunks ({chunk} B), not {space.page_bytes} B pages")
         self.space = space
         self.group = group
         self.ratio = layout.ratio(group)
-        n = space.n_pages
+        self.chunks_per_page = group.large_page_bytes // chunk
+        self.n_pages = n = space.n_pages // self.chunks_per_page
+        step = group.padded_small_bytes
+        # Chunks (offsets in the page) under each slot, and slots over each chunk.
+        self.slot_chunks = [range(s * step // chunk, -(-(s + 1) * step // chunk)) for s in range(self.ratio)]
+        self.chunk_slots = [[s for s, r in enumerate(self.slot_chunks) if c in r] for c in range(self.chunks_per_page)]
         self.ref = [0] * (n * self.ratio)  # per block: requests holding it
         self.shared: set[int] = set()  # blocks with more than one holder
         self.block_hash: dict[int, int] = {}  # cached (hashed) blocks -> hash
         self.cached: dict[int, int] = {}  # hash -> block (the prefix cache of this group)
         self.evictable = [OrderedDict() for _ in range(NUM_PRIORITIES)]  # LRU per priority
         self.priority: dict[int, int] = {}  # evictable block -> priority
-        self.page_free: dict[int, list[int]] = {}  # mapped page -> free slots
+        self.page_free: dict[int, list[int]] = {}  # open page (a block used) -> free slots
         self.page_live = [0] * n  # blocks with ref > 0
         self.page_cached = [0] * n  # blocks with ref == 0 still cached
-        self.unmapped = list(range(n - 1, -1, -1))  # stack of never-used/returned page ids
-        self.leftovers: set[int] = set()  # mapped pages with a free slot
+        self.unmapped = list(range(n - 1, -1, -1))  # stack of pages with no used block
+        self.leftovers: set[int] = set()  # open pages with a free slot
         self.req_pages: dict[str, list[int]] = {}  # pages opened for a request
+        n_chunks = n * self.chunks_per_page
+        self.chunk_live = [0] * n_chunks  # live blocks over each chunk
+        self.chunk_cached = [0] * n_chunks  # evictable blocks over each chunk
+        self.chunk_mapped = bytearray(n_chunks)  # what we mapped and the pool has not (visibly) taken
+        self.mapped_chunks = 0
         self.evictions = 0
         self.max_pages: int | None = None  # a static partition's fixed size (benchmark baseline)
+
+    def block_chunks(self, b: int) -> range:
+        """Chunks (space page ids) under block b."""
+        page, slot = divmod(b, self.ratio)
+        r = self.slot_chunks[slot]
+        base = page * self.chunks_per_page
+        return range(base + r.start, base + r.stop)
 
     # ---- mapping to the C++ side ---------------------------------------------
 
     def sync(self) -> None:
-        """Forgets the cached blocks of pages the pool reclaimed behind our back."""
-        for page in self.space.take_reclaimed():
-            first = page * self.ratio
-            for b in range(first, first + self.ratio):
-                assert self.ref[b] == 0, "a reclaimed page held a live block"
-                self._uncache(b)
-            self.page_free.pop(page, None)
-            self.page_cached[page] = 0
-            self.leftovers.discard(page)
-            self.unmapped.append(page)
+        """Forgets the cached blocks over chunks the pool reclaimed behind our back."""
+        taken = self.space.take_reclaimed()
+        for k in taken:  # all first: dropping a block below revisits its other chunks
+            assert self.chunk_mapped[k] and not self.chunk_live[k], f"chunk {k}: reclaimed while live or unmapped"
+            self.chunk_mapped[k] = 0
+            self.mapped_chunks -= 1
+        for k in taken:
+            page, offset = divmod(k, self.chunks_per_page)
+            for slot in self.chunk_slots[offset]:
+                b = page * self.ratio + slot
+                if b in self.priority:
+                    self._uncache(b)
+                    self._slot_freed(b)
+                    self._chunks_changed(b)
+            self._close_if_unused(page)
 
-    def _page_changed(self, page: int, stream: int = 0) -> None:
-        """Puts a page's C++ state in line with its blocks."""
-        if self.page_live[page]:
+    def _chunk_changed(self, k: int, stream: int = 0) -> None:
+        """Puts chunk k's C++ state in line with the blocks over it (once none is live)."""
+        if self.chunk_live[k] or not self.chunk_mapped[k]:
             return
-        if self.page_cached[page] == 0:
-            self.space.unmap(page, stream)
+        if self.chunk_cached[k]:
+            page, offset = divmod(k, self.chunks_per_page)
+            prio = max(self.priority.get(page * self.ratio + s, 0) for s in self.chunk_slots[offset])
+            self.space.set_reclaimable(k, prio, stream)  # False: reclaimed; sync() drops its blocks
+        else:
+            self.space.unmap(k, stream)  # False: reclaimed already, and now acknowledged
+            self.chunk_mapped[k] = 0
+            self.mapped_chunks -= 1
+
+    def _chunks_changed(self, b: int, stream: int = 0) -> None:
+        for k in self.block_chunks(b):
+            self._chunk_changed(k, stream)
+
+    def _pin_chunks(self, b: int) -> None:
+        """Makes every chunk under b mapped and pinned, for b to become live.
+        Raises OutOfMemoryError or PageReclaimed having undone its work."""
+        chunks = self.block_chunks(b)
+        try:
+            for k in chunks:
+                if self.chunk_live[k]:
+                    continue
+                if self.chunk_mapped[k]:
+                    if not self.space.pin(k):
+                        raise PageReclaimed(k)
+                else:
+                    self.space.map(k)
+                    self.chunk_mapped[k] = 1
+                    self.mapped_chunks += 1
+        except (OutOfMemoryError, PageReclaimed):
+            for k in chunks:
+                self._chunk_changed(k)  # reclaimable again, or unmapped
+            raise
+
+    def _slot_freed(self, b: int) -> None:
+        page = b // self.ratio
+        self.page_free[page].append(b % self.ratio)
+        self.leftovers.add(page)
+
+    def _close_if_unused(self, page: int) -> None:
+        """A page with no used block leaves the open pages (its chunks are unmapped)."""
+        if page in self.page_free and not self.page_live[page] and not self.page_cached[page]:
             del self.page_free[page]
             self.leftovers.discard(page)
             self.unmapped.append(page)
-        else:
-            prio = max(self.priority[b] for b in self._page_blocks(page) if b in self.priority)
-            self.space.set_reclaimable(page, prio, stream)
-
-    def _page_blocks(self, page: int) -> range:
-        return range(page * self.ratio, (page + 1) * self.ratio)
 
     # ---- allocation ------------------------------------------------------------
 
@@ -112,93 +180,139 @@ class GroupBlockPool:
 
     def _place(self, request_id: str) -> int:
         own = self.req_pages.setdefault(request_id, [])
-        for page in reversed(own):
-            if self.page_free.get(page):
+        try:
+            for page in reversed(own):
+                if self.page_free.get(page):
+                    return self._take_slot(page)
+            if self.leftovers:
+                return self._take_slot(min(self.leftovers))  # deterministic; low pages fill first
+            page = self._open_page()
+            if page is not None:
+                own.append(page)
                 return self._take_slot(page)
-        if self.leftovers:
-            page = min(self.leftovers)  # deterministic; low pages fill first
-            return self._take_slot(page)
-        page = self._fresh_page()
-        if page is not None:
-            own.append(page)
-            return self._take_slot(page)
+        except OutOfMemoryError:
+            self.sync()  # the failed acquire may have reclaimed other groups' chunks
+        # The pool is short: a free slot over mapped chunks costs nothing, nor
+        # does the slot of an evicted cached block.
+        if self.chunks_per_page > 1:
+            for page in sorted(self.leftovers):
+                for slot in self.page_free[page]:
+                    if all(self.chunk_mapped[k] for k in self.block_chunks(page * self.ratio + slot)):
+                        return self._take_slot(page, slot)
         b = self._evict_one()
         if b is None:
             raise NoFreeBlocks(f"group {self.group.group_id} ({self.group.kind}): no free or evictable block")
         return self._take_slot(b // self.ratio, slot=b % self.ratio)
 
-    def _fresh_page(self) -> int | None:
+    def _open_page(self) -> int | None:
         if not self.unmapped or (self.max_pages is not None and self.mapped_pages() >= self.max_pages):
             return None
-        page = self.unmapped[-1]
-        try:
-            self.space.map(page)
-        except OutOfMemoryError:
-            self.sync()  # the failed acquire may have reclaimed our own pages
-            return None
-        self.unmapped.pop()
+        page = self.unmapped.pop()
         self.page_free[page] = list(range(self.ratio - 1, -1, -1))
         self.leftovers.add(page)
         return page
 
-    def _take_slot(self, page: int, slot: int | None = None) -> int:
-        if self.page_live[page] == 0 and not self.space.pin(page):
-            raise PageReclaimed(page)
+    def _cheapest_slot(self, page: int) -> int:
+        """The free slot of `page` with the fewest chunks still to map."""
         free = self.page_free[page]
+        if self.chunks_per_page == 1:
+            return free[-1]
+        return min(free, key=lambda s: (sum(1 for k in self.block_chunks(page * self.ratio + s)
+                                             if not self.chunk_mapped[k]), s))
+
+    def _take_slot(self, page: int, slot: int | None = None) -> int:
+        """Makes a free slot of `page` a live block. On OutOfMemoryError or
+        PageReclaimed nothing changed, except that a page left unused closes."""
         if slot is None:
-            slot = free.pop()
+            slot = self._cheapest_slot(page)
+        b = page * self.ratio + slot
+        try:
+            self._pin_chunks(b)
+        except (OutOfMemoryError, PageReclaimed):
+            self._close_if_unused(page)
+            raise
+        free = self.page_free[page]
+        if free[-1] == slot:
+            free.pop()
         else:
             free.remove(slot)
         if not free:
             self.leftovers.discard(page)
-        b = page * self.ratio + slot
         self.ref[b] = 1
         self.page_live[page] += 1
+        for k in self.block_chunks(b):
+            self.chunk_live[k] += 1
         return b
 
     def _evict_one(self) -> int | None:
-        """Drops the cached block that matters least; returns its id (now free)."""
+        """Drops the cached block that matters least; returns its id, a free
+        slot whose chunks are still mapped: the caller takes it or calls
+        _chunks_changed."""
         for lru in self.evictable:
             if lru:
                 b = next(iter(lru))  # least recently released
-                page = b // self.ratio
                 self._uncache(b)
-                self.page_free[page].append(b % self.ratio)
-                self.leftovers.add(page)
+                self._slot_freed(b)
                 self.evictions += 1
                 return b
         return None
 
     # ---- compaction ----------------------------------------------------------------
 
-    def plan_compaction(self) -> list[tuple[int, int]]:
+    def plan_compaction(self) -> tuple[list[tuple[int, int]], int]:
         """Moves (live block, destination page) that empty the sparsest partly
-        used pages into the free slots of the fullest ones. Only pages with no
+        used pages into the free slots of the fullest ones, each page only
+        when that unmaps more chunks than its blocks map at their destinations;
+        and the chunks the moves map (the pool must have them, since a page's
+        chunks go only once all its blocks have moved). Only pages with no
         cached block take part, so the prefix cache is left as it is."""
         partly = [p for p, free in self.page_free.items()
                   if free and self.page_live[p] and not self.page_cached[p]]
         partly.sort(key=lambda p: (self.page_live[p], p))
-        slots = {p: len(self.page_free[p]) for p in partly}
+        free = {p: list(self.page_free[p]) for p in partly}
+        to_map: set[int] = set()  # chunks the planned moves map
         moves: list[tuple[int, int]] = []
         lo, hi = 0, len(partly) - 1
         while lo < hi:
             src = partly[lo]
-            if sum(slots[partly[k]] for k in range(lo + 1, hi + 1)) < self.page_live[src]:
+            if sum(len(free[partly[k]]) for k in range(lo + 1, hi + 1)) < self.page_live[src]:
                 break  # the rest cannot empty another page
+            plan, new_chunks, h = [], set(), hi
             for b in self._page_blocks(src):
                 if self.ref[b] == 0:
                     continue
-                while slots[partly[hi]] == 0:
-                    hi -= 1
-                moves.append((b, partly[hi]))
-                slots[partly[hi]] -= 1
+                while not free[partly[h]]:
+                    h -= 1
+                dst = partly[h]
+                slot = min(free[dst], key=lambda s: (self._unmapped_under(dst, s, to_map | new_chunks), s))
+                free[dst].remove(slot)
+                new_chunks.update(k for k in self.block_chunks(dst * self.ratio + slot)
+                                  if not self.chunk_mapped[k] and k not in to_map)
+                plan.append((b, dst, slot))
+            freed = sum(1 for k in range(src * self.chunks_per_page, (src + 1) * self.chunks_per_page)
+                        if self.chunk_mapped[k])
+            if freed <= len(new_chunks):
+                for _, dst, slot in plan:
+                    free[dst].append(slot)
+                break  # denser pages would save no more
+            moves.extend((b, dst) for b, dst, _ in plan)
+            to_map |= new_chunks
+            hi = h
             lo += 1
-        return moves
+        return moves, len(to_map)
+
+    def _unmapped_under(self, page: int, slot: int, planned: set[int]) -> int:
+        return sum(1 for k in self.block_chunks(page * self.ratio + slot)
+                   if not self.chunk_mapped[k] and k not in planned)
+
+    def _page_blocks(self, page: int) -> range:
+        return range(page * self.ratio, (page + 1) * self.ratio)
 
     def move_block(self, src: int, dst_page: int, copy) -> int:
         """Moves live block src into a free slot of dst_page: copy(src, dst)
         moves the bytes, then src's holders, hash and slot pass to dst. The
-        caller rewrites block tables. Returns dst."""
+        caller rewrites block tables. Returns dst; raises OutOfMemoryError
+        (nothing moved) when dst's chunks cannot be mapped."""
         dst = self._take_slot(dst_page)
         copy(src, dst)
         self.ref[dst] = self.ref[src]
@@ -213,36 +327,41 @@ class GroupBlockPool:
         page = src // self.ratio
         self.ref[src] = 0
         self.page_live[page] -= 1
-        self.page_free[page].append(src % self.ratio)
-        self.leftovers.add(page)
-        self._page_changed(page)
+        self._slot_freed(src)
+        for k in self.block_chunks(src):
+            self.chunk_live[k] -= 1
+            self._chunk_changed(k)
+        self._close_if_unused(page)
         return dst
 
     def evict(self, n: int) -> int:
-        """Evicts up to n cached blocks (pages left empty go back to the pool)."""
-        self.sync()  # pages another owner reclaimed since are gone already
+        """Evicts up to n cached blocks (their chunks go back to the pool)."""
+        self.sync()  # chunks another owner reclaimed since are gone already
         done = 0
         while done < n:
             b = self._evict_one()
             if b is None:
                 break
             done += 1
-            self._page_changed(b // self.ratio)
+            self._chunks_changed(b)
+            self._close_if_unused(b // self.ratio)
         return done
 
     # ---- references ------------------------------------------------------------
 
     def touch(self, b: int) -> None:
         """Another holder for block b (a prefix-cache hit or a fork). Raises
-        PageReclaimed when its page was reclaimed since the last sync()."""
-        page = b // self.ratio
+        PageReclaimed when a chunk under it was reclaimed since the last sync()."""
         if self.ref[b] == 0:
-            if self.page_live[page] == 0 and not self.space.pin(page):
-                raise PageReclaimed(page)
+            self._pin_chunks(b)
             prio = self.priority.pop(b)
             del self.evictable[prio][b]
+            page = b // self.ratio
             self.page_cached[page] -= 1
             self.page_live[page] += 1
+            for k in self.block_chunks(b):
+                self.chunk_cached[k] -= 1
+                self.chunk_live[k] += 1
         self.ref[b] += 1
         if self.ref[b] == 2:
             self.shared.add(b)
@@ -258,15 +377,19 @@ class GroupBlockPool:
             return
         page = b // self.ratio
         self.page_live[page] -= 1
-        if cache_priority is not None and b in self.block_hash:
+        cache = cache_priority is not None and b in self.block_hash
+        if cache:
             self.priority[b] = cache_priority
             self.evictable[cache_priority][b] = None
             self.page_cached[page] += 1
         else:
             self._uncache(b)
-            self.page_free[page].append(b % self.ratio)
-            self.leftovers.add(page)
-        self._page_changed(page, stream)
+            self._slot_freed(b)
+        for k in self.block_chunks(b):
+            self.chunk_live[k] -= 1
+            self.chunk_cached[k] += cache
+            self._chunk_changed(k, stream)
+        self._close_if_unused(page)
 
     def forget_request(self, request_id: str) -> None:
         self.req_pages.pop(request_id, None)
@@ -283,6 +406,8 @@ class GroupBlockPool:
         return self.cached.get(h)
 
     def _uncache(self, b: int) -> None:
+        """Forgets b's hash; an evictable b stops being cached (its chunks'
+        counts drop, their C++ state is the caller's to update)."""
         h = self.block_hash.pop(b, None)
         if h is not None and self.cached.get(h) == b:
             del self.cached[h]
@@ -290,6 +415,8 @@ class GroupBlockPool:
         if prio is not None:
             del self.evictable[prio][b]
             self.page_cached[b // self.ratio] -= 1
+            for k in self.block_chunks(b):
+                self.chunk_cached[k] -= 1
 
     # ---- figures -------------------------------------------------------------------
 
@@ -300,7 +427,22 @@ class GroupBlockPool:
         return sum(len(f) for f in self.page_free.values())
 
     def mapped_pages(self) -> int:
+        """Open large pages: those with a used block."""
         return len(self.page_free)
+
+    def chunks_needed(self, n: int) -> int:
+        """Chunks the pool must still give for n more blocks of this group:
+        evictable blocks first, then free slots cheapest first, then fresh pages."""
+        n -= self.num_evictable()
+        if n <= 0:
+            return 0
+        costs = sorted((self._unmapped_under(p, s, set()), p, s) for p, free in self.page_free.items() for s in free)
+        chunks: set[int] = set()
+        for _, p, s in costs[:n]:
+            chunks.update(k for k in self.block_chunks(p * self.ratio + s) if not self.chunk_mapped[k])
+        whole, rest = divmod(n - min(n, len(costs)), self.ratio)
+        # A fresh page's first `rest` slots cover its chunks up to the end of slot rest - 1.
+        return len(chunks) + whole * self.chunks_per_page + (self.slot_chunks[rest - 1].stop if rest else 0)
 
     def live_blocks(self) -> int:
         return sum(self.page_live)
@@ -312,6 +454,8 @@ class GroupBlockPool:
 
     def check(self) -> None:
         """Asserts the pool's bookkeeping is consistent (tests call it after every step)."""
+        live_over = [0] * len(self.chunk_live)
+        cached_over = [0] * len(self.chunk_live)
         for page, free in self.page_free.items():
             blocks = self._page_blocks(page)
             live = sum(1 for b in blocks if self.ref[b] > 0)
@@ -321,12 +465,25 @@ class GroupBlockPool:
             assert live + cached + len(free) == self.ratio, (page, live, cached, free)
             assert len(set(free)) == len(free)
             assert (page in self.leftovers) == bool(free)
-            assert live or cached, f"page {page} is mapped with nothing in it"
-            state = self.space.state(page)
-            # 0 is possible: reclaimed by the pool, not yet seen by sync().
-            assert state in ((1,) if live else (2, 0)), (page, state, live, cached)
+            assert live or cached, f"page {page} is open with nothing in it"
+            for b in blocks:
+                for k in self.block_chunks(b):
+                    live_over[k] += self.ref[b] > 0
+                    cached_over[k] += self.ref[b] == 0 and b in self.priority
+        assert live_over == self.chunk_live and cached_over == self.chunk_cached, "chunk counts drifted"
+        for k, mapped in enumerate(self.chunk_mapped):
+            state = self.space.state(k)
+            if self.chunk_live[k]:
+                assert mapped and state == 1, (k, mapped, state)
+            elif self.chunk_cached[k]:
+                # 0 is possible: reclaimed by the pool, not yet seen by sync().
+                assert mapped and state in (2, 0), (k, mapped, state)
+            else:
+                assert not mapped and state == 0, f"chunk {k} is mapped with nothing over it"
+        assert self.mapped_chunks == sum(self.chunk_mapped)
         for page in self.unmapped:
-            assert page not in self.page_free and self.space.state(page) == 0
+            assert page not in self.page_free
+        assert len(self.unmapped) + len(self.page_free) == self.n_pages
         for h, b in self.cached.items():
             assert self.block_hash[b] == h
         assert self.shared == {b for b, r in enumerate(self.ref) if r > 1}, "`shared` is not the blocks with 2+ holders"

@@ -96,7 +96,8 @@ class KVCacheManager:
         self.managers: list[SingleTypeManager] = []
         for g in self.layout.groups:
             n_large = capacity // g.large_page_bytes + 1  # VA only: any group may hold the whole budget
-            space = PageSpace(pool, f"{name}.g{g.group_id}.{g.kind}", g.large_page_bytes, n_large)
+            # The space maps single chunks; the block pool groups them into large pages.
+            space = PageSpace(pool, f"{name}.g{g.group_id}.{g.kind}", chunk, n_large * (g.large_page_bytes // chunk))
             bp = GroupBlockPool(space, self.layout, g)
             if static_shares is not None:
                 bp.max_pages = int(capacity * static_shares.get(g.group_id, 0.0)) // g.large_page_bytes
@@ -165,11 +166,7 @@ class KVCacheManager:
         self._check_capacity(request_id, num_new_tokens)
         self.sync()
         needed = self.num_blocks_needed(request_id, num_new_tokens)
-        chunks_short = 0
-        for n, bp in zip(needed, self.pools):
-            spare = bp.num_free_slots() + bp.num_evictable()
-            if n > spare:
-                chunks_short += -(-(n - spare) // bp.ratio) * (bp.group.large_page_bytes // self.layout.chunk_bytes)
+        chunks_short = sum(bp.chunks_needed(n) for n, bp in zip(needed, self.pools))
         return chunks_short == 0 or chunks_short <= self.pool.available_chunks(self.spaces[0].owner)
 
     def allocate_slots(self, request_id: str, num_new_tokens: int, new_token_ids: list[int] | None = None,
@@ -266,16 +263,18 @@ class KVCacheManager:
 
     def compact(self, min_free_fraction: float = 0.0, stream: int = 0) -> int:
         """Packs live blocks of sparsely used large pages into free slots of
-        fuller ones, so the emptied pages go back to the pool. A group is
-        packed only when its free slots exceed min_free_fraction of its mapped
-        slots. Returns the blocks moved; their ids change in every block table."""
+        fuller ones, so the emptied pages' chunks go back to the pool. A group
+        is packed only when its free slots exceed min_free_fraction of its
+        open pages' slots. A move that finds no chunk to map into stops the
+        packing there. Returns the blocks moved; their ids change in every
+        block table."""
         self.sync()
         moved = 0
         for g, bp, m, space in zip(self.layout.groups, self.pools, self.managers, self.spaces):
             if bp.ratio < 2 or bp.num_free_slots() <= min_free_fraction * bp.mapped_pages() * bp.ratio:
                 continue
-            moves = bp.plan_compaction()
-            if not moves:
+            moves, new_chunks = bp.plan_compaction()
+            if not moves or new_chunks > self.pool.available_chunks(space.owner):
                 continue
             data = space.bytes_view()
             step, n = g.padded_small_bytes, g.small_page_bytes
@@ -283,12 +282,17 @@ class KVCacheManager:
             def copy(src: int, dst: int) -> None:
                 data[dst * step:dst * step + n].copy_(data[src * step:src * step + n])
 
-            new_id = {src: bp.move_block(src, dst_page, copy) for src, dst_page in moves}
+            new_id = {}
+            try:
+                for src, dst_page in moves:
+                    new_id[src] = bp.move_block(src, dst_page, copy)
+            except (OutOfMemoryError, PageReclaimed):
+                pass  # the pool is short, or a neighbour chunk went: the moves made stand
             for blocks in m.req_blocks.values():
                 for i, b in enumerate(blocks):
                     if b in new_id:
                         blocks[i] = new_id[b]
-            moved += len(moves)
+            moved += len(new_id)
         self.stats_blocks_moved += moved
         return moved
 
@@ -320,10 +324,10 @@ class KVCacheManager:
         for m in self.managers:
             blocks = m.end_block(total) - m.first_needed_block(total)
             pages = -(-blocks // m.pool.ratio)
-            if pages > m.pool.space.n_pages:
+            if pages > m.pool.n_pages:
                 raise ValueError(
                     f"request {request_id!r} at {total} tokens needs {pages} large pages in group "
-                    f"{m.group.group_id} ({m.group.kind}); the KV space holds at most {m.pool.space.n_pages}"
+                    f"{m.group.group_id} ({m.group.kind}); the KV space holds at most {m.pool.n_pages}"
                 )
 
     # ---- ballooning -------------------------------------------------------------------
@@ -356,9 +360,10 @@ class KVCacheManager:
         return max(total, 0)
 
     def mapped_bytes(self) -> int:
-        """Bytes held for the KV cache: mapped pages, or the whole partition when static."""
-        return sum((bp.max_pages if self.static else bp.mapped_pages()) * bp.group.large_page_bytes
-                   for bp in self.pools)
+        """Bytes held for the KV cache: mapped chunks, or the whole partition when static."""
+        if self.static:
+            return sum(bp.max_pages * bp.group.large_page_bytes for bp in self.pools)
+        return sum(bp.mapped_chunks for bp in self.pools) * self.layout.chunk_bytes
 
     def usage(self) -> dict:
         groups = []
@@ -371,7 +376,8 @@ class KVCacheManager:
                 "padding_bytes": g.padding_bytes,
                 "mapped_pages": bp.mapped_pages(),
                 "large_page_bytes": g.large_page_bytes,
-                "mapped_bytes": bp.mapped_pages() * g.large_page_bytes,
+                "mapped_chunks": bp.mapped_chunks,
+                "mapped_bytes": bp.mapped_chunks * self.layout.chunk_bytes,
                 "live_blocks": bp.live_blocks(),
                 "cached_blocks": bp.num_evictable(),
                 "free_slots": bp.num_free_slots(),
@@ -405,7 +411,7 @@ class KVCacheManager:
             return self._views[layer]
         g = self.layer_group[layer]
         space = self.spaces[g.group_id]
-        nblocks = space.n_pages * self.layout.ratio(g)
+        nblocks = self.pools[g.group_id].n_pages * self.layout.ratio(g)
         li = g.layers.index(layer)
         page = g.padded_small_bytes
         spec = g.spec

@@ -49,15 +49,23 @@ class PageSpace:
         """Maps chunks under `page`; raises OutOfMemoryError when the pool has none."""
         raise_for_status(N.lib.ellm_kv_map(self.handle, page))
 
-    def unmap(self, page: int, stream: int = 0) -> None:
-        raise_for_status(N.lib.ellm_kv_unmap(self.handle, page, stream))
+    def unmap(self, page: int, stream: int = 0) -> bool:
+        """Unmaps `page` once `stream`'s work so far is done. False if the pool
+        had reclaimed it already (take_reclaimed() will not list it then)."""
+        return self._checked(N.lib.ellm_kv_unmap(self.handle, page, stream))
 
-    def set_reclaimable(self, page: int, priority: int, stream: int = 0) -> None:
-        raise_for_status(N.lib.ellm_kv_set_reclaimable(self.handle, page, priority, stream))
+    def set_reclaimable(self, page: int, priority: int, stream: int = 0) -> bool:
+        """Lets the pool take `page` (lower priority first). False if it had
+        reclaimed it already."""
+        return self._checked(N.lib.ellm_kv_set_reclaimable(self.handle, page, priority, stream))
 
     def pin(self, page: int) -> bool:
         """True if the page is still mapped (now pinned); False if it was reclaimed."""
-        r = N.lib.ellm_kv_pin(self.handle, page)
+        return self._checked(N.lib.ellm_kv_pin(self.handle, page))
+
+    @staticmethod
+    def _checked(r: int) -> bool:
+        """1 / 0 from the C side as True / False; a negative status raises."""
         if r < 0:
             raise_for_status(-r)
         return bool(r)
