@@ -4,8 +4,9 @@ The same workload (arrival step, prompt length, output length, optional
 shared-prefix id) runs through a continuous-batching loop three times, each
 on a fresh host pool with the same budget:
 
-  ellm         two-level pages, elastic (chunks mapped as used)
-  max-page     every group padded to the largest page (single page size), elastic
+  ellm         two-level pages, elastic (only chunks under used blocks mapped)
+  max-page     every group padded to the largest page (single page size),
+               elastic the same way
   static       two-level pages, but a fixed share of the budget per group,
                held whether used or not (a static per-type partition)
 

@@ -73,7 +73,11 @@ class GroupBlockPool:
         self.page_cached = [0] * n  # blocks with ref == 0 still cached
         self.unmapped = list(range(n - 1, -1, -1))  # stack of pages with no used block
         self.leftovers: set[int] = set()  # open pages with a free slot
-        self.req_pages: dict[str, list[int]] = {}  # pages opened for a request
+        # Own-first placement without scanning a long request's pages:
+        self.req_pages: dict[str, dict[int, int]] = {}  # request -> {page opened for it: when, latest}
+        self.openers: dict[int, set[str]] = {}  # page -> requests it was opened for
+        self.own_free: dict[str, set[int]] = {}  # request -> its pages that have a free slot
+        self.opened = 0
         n_chunks = n * self.chunks_per_page
         self.chunk_live = [0] * n_chunks  # live blocks over each chunk
         self.chunk_cached = [0] * n_chunks  # evictable blocks over each chunk
@@ -148,13 +152,24 @@ class GroupBlockPool:
     def _slot_freed(self, b: int) -> None:
         page = b // self.ratio
         self.page_free[page].append(b % self.ratio)
-        self.leftovers.add(page)
+        self._has_free_slot(page)
+
+    def _has_free_slot(self, page: int) -> None:
+        if page not in self.leftovers:
+            self.leftovers.add(page)
+            for rid in self.openers.get(page, ()):
+                self.own_free[rid].add(page)
+
+    def _no_free_slot(self, page: int) -> None:
+        self.leftovers.discard(page)
+        for rid in self.openers.get(page, ()):
+            self.own_free[rid].discard(page)
 
     def _close_if_unused(self, page: int) -> None:
         """A page with no used block leaves the open pages (its chunks are unmapped)."""
         if page in self.page_free and not self.page_live[page] and not self.page_cached[page]:
             del self.page_free[page]
-            self.leftovers.discard(page)
+            self._no_free_slot(page)
             self.unmapped.append(page)
 
     # ---- allocation ------------------------------------------------------------
@@ -179,16 +194,14 @@ class GroupBlockPool:
                 self.sync()
 
     def _place(self, request_id: str) -> int:
-        own = self.req_pages.setdefault(request_id, [])
         try:
-            for page in reversed(own):
-                if self.page_free.get(page):
-                    return self._take_slot(page)
+            own = self.own_free.get(request_id)
+            if own:  # the page opened for it last
+                return self._take_slot(max(own, key=self.req_pages[request_id].__getitem__))
             if self.leftovers:
                 return self._take_slot(min(self.leftovers))  # deterministic; low pages fill first
-            page = self._open_page()
+            page = self._open_page(request_id)
             if page is not None:
-                own.append(page)
                 return self._take_slot(page)
         except OutOfMemoryError:
             self.sync()  # the failed acquire may have reclaimed other groups' chunks
@@ -204,12 +217,16 @@ class GroupBlockPool:
             raise NoFreeBlocks(f"group {self.group.group_id} ({self.group.kind}): no free or evictable block")
         return self._take_slot(b // self.ratio, slot=b % self.ratio)
 
-    def _open_page(self) -> int | None:
+    def _open_page(self, request_id: str) -> int | None:
         if not self.unmapped or (self.max_pages is not None and self.mapped_pages() >= self.max_pages):
             return None
         page = self.unmapped.pop()
         self.page_free[page] = list(range(self.ratio - 1, -1, -1))
-        self.leftovers.add(page)
+        self.opened += 1
+        self.req_pages.setdefault(request_id, {})[page] = self.opened
+        self.openers.setdefault(page, set()).add(request_id)
+        self.own_free.setdefault(request_id, set())
+        self._has_free_slot(page)
         return page
 
     def _cheapest_slot(self, page: int) -> int:
@@ -237,7 +254,7 @@ class GroupBlockPool:
         else:
             free.remove(slot)
         if not free:
-            self.leftovers.discard(page)
+            self._no_free_slot(page)
         self.ref[b] = 1
         self.page_live[page] += 1
         for k in self.block_chunks(b):
@@ -392,7 +409,12 @@ class GroupBlockPool:
         self._close_if_unused(page)
 
     def forget_request(self, request_id: str) -> None:
-        self.req_pages.pop(request_id, None)
+        for page in self.req_pages.pop(request_id, {}):
+            holders = self.openers[page]
+            holders.discard(request_id)
+            if not holders:
+                del self.openers[page]
+        self.own_free.pop(request_id, None)
 
     # ---- prefix cache ------------------------------------------------------------
 
@@ -471,6 +493,8 @@ class GroupBlockPool:
                     live_over[k] += self.ref[b] > 0
                     cached_over[k] += self.ref[b] == 0 and b in self.priority
         assert live_over == self.chunk_live and cached_over == self.chunk_cached, "chunk counts drifted"
+        for rid, pages in self.req_pages.items():
+            assert self.own_free[rid] == {p for p in pages if p in self.leftovers}, rid
         for k, mapped in enumerate(self.chunk_mapped):
             state = self.space.state(k)
             if self.chunk_live[k]:

@@ -2,17 +2,18 @@
 
 Layers with the same spec form a group. A group's small page holds one block
 of `block_size` tokens for every layer of the group (or one request's state,
-for Mamba). A large page is the unit mapped from the pool and carved into
-small pages of one group: lcm(chunk, the group's small page), made of whole
-chunks mapped contiguously.
+for Mamba). A large page is carved into small pages of one group:
+lcm(chunk, the group's small page), a run of whole chunks at contiguous VA.
+It is the unit of placement; the block pool maps only the chunks under its
+used small pages (a small page may straddle two chunks).
 
 Why per group and not one lcm over all groups, as in Jenga: Jenga needs one
 large-page size so that pages can move between groups inside a static pool.
 Here groups exchange memory through the chunk pool itself, so each group's
 large page only has to be a multiple of the chunk. Taking the lcm over every
 group only makes some groups' pages larger than they need to be (Gemma-3's
-1 MiB global blocks would sit in 10 MiB pages), which costs memory whenever
-a request leaves a page partly filled. When a group's lcm is still too large,
+1 MiB global blocks would sit in 10 MiB pages), and a larger page runs into
+the size limit, and so into padding, sooner. When a group's lcm is still too large,
 its layers are split into a few groups whose pages need no padding, if their
 pages together are no larger than the padded one would be (_split_sizes);
 otherwise its small page is padded up (to a multiple of the smallest power of

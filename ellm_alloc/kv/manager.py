@@ -76,7 +76,7 @@ class KVCacheManager:
         compact: bool = True,
     ):
         """compact: when freeing leaves large pages sparsely used, move live
-        blocks together so whole pages return to the pool (block ids of
+        blocks together so their chunks return to the pool (block ids of
         running requests change; read block tables after every call).
 
         uniform_pages, static_shares and compact=False turn the manager into
