@@ -337,17 +337,15 @@ void ellm_pool_set_headroom(ellm_pool* pool, int owner, size_t bytes) {
 
 size_t ellm_pool_available_chunks(ellm_pool* pool, int owner) { return pool->pool->available(owner); }
 
-ellm_kv_space* ellm_kv_create(ellm_pool* pool, const char* name, size_t page_bytes, size_t n_pages) {
+ellm_kv_space* ellm_kv_create(ellm_pool* pool, const char* name, size_t n_pages) {
   clear_error();
-  size_t chunk = pool->pool->chunk_bytes();
-  if (page_bytes == 0 || page_bytes % chunk || n_pages == 0) {
-    fail(kInvalidArgument, "KV page size " + std::to_string(page_bytes) + " must be a positive multiple of the chunk size " +
-                               std::to_string(chunk) + ", with at least one page");
+  if (n_pages == 0) {
+    fail(kInvalidArgument, "a KV space needs at least one page");
     return nullptr;
   }
-  auto s = std::make_unique<KvSpace>(pool->pool.get(), name ? name : "kv", page_bytes, n_pages);
+  auto s = std::make_unique<KvSpace>(pool->pool.get(), name ? name : "kv", n_pages);
   if (!s->ok()) {
-    fail(kOutOfMemory, "cannot reserve " + human(page_bytes * n_pages) + " of VA for a KV space");
+    fail(kOutOfMemory, "cannot reserve " + human(pool->pool->chunk_bytes() * n_pages) + " of VA for a KV space");
     return nullptr;
   }
   return new ellm_kv_space{std::move(s)};

@@ -82,12 +82,12 @@ void ellm_pool_set_headroom(ellm_pool* pool, int owner, size_t bytes);
 // Chunks `owner` could take now without reclaiming from anyone.
 size_t ellm_pool_available_chunks(ellm_pool* pool, int owner);
 
-// ---- KV spaces: a VA range of equal pages backed by pool chunks ----
+// ---- KV spaces: a VA range of one-chunk pages backed by pool chunks ----
 typedef struct ellm_kv_space ellm_kv_space;
 typedef struct {
   uint64_t mapped_pages, reclaimable_pages, maps, unmaps, reclaimed_pages;
 } ellm_kv_stats;
-ellm_kv_space* ellm_kv_create(ellm_pool* pool, const char* name, size_t page_bytes, size_t n_pages);
+ellm_kv_space* ellm_kv_create(ellm_pool* pool, const char* name, size_t n_pages);  // pages of one chunk
 int64_t ellm_kv_destroy(ellm_kv_space* space);  // returns pages still mapped (now unmapped)
 uintptr_t ellm_kv_base(ellm_kv_space* space);
 int ellm_kv_owner(ellm_kv_space* space);

@@ -1,12 +1,13 @@
 // kv_space.h: a KV space, the C++ half of a KV cache.
 //
-// A VA reservation cut into equal pages (a page is one or more chunks, mapped
-// contiguously so a KV tensor's address never moves while mapped). The Python
-// KV manager decides what lives where; this class owns the mappings, so the
-// pool can take chunks back from the KV cache without calling Python.
+// A VA reservation cut into pages of one chunk each; a KV tensor's address
+// never moves while its pages are mapped. The Python KV manager decides what
+// lives where (its large pages are runs of these pages); this class owns the
+// mappings, so the pool can take chunks back from the KV cache without
+// calling Python.
 //
 // Page states:
-//   unmapped     no chunks
+//   unmapped     no chunk under it
 //   pinned       mapped, holds live KV: never reclaimed
 //   reclaimable  mapped, holds nothing live (free, or only evictable cached
 //                blocks): the pool may reclaim it when another owner (the
@@ -39,11 +40,10 @@ class KvSpace {
  public:
   enum State : uint8_t { kUnmapped, kPinned, kReclaimable };
 
-  KvSpace(ChunkPool* pool, const char* name, size_t page_bytes, size_t n_pages)
-      : pool_(pool), be_(pool->backend()), chunk_(pool->chunk_bytes()), page_bytes_(page_bytes),
-        pages_(n_pages) {
-    if (page_bytes_ == 0 || page_bytes_ % chunk_ || n_pages == 0) return;
-    if (be_->reserve(page_bytes_ * n_pages, &base_) != kOk) {
+  KvSpace(ChunkPool* pool, const char* name, size_t n_pages)
+      : pool_(pool), be_(pool->backend()), chunk_(pool->chunk_bytes()), pages_(n_pages) {
+    if (n_pages == 0) return;
+    if (be_->reserve(chunk_ * n_pages, &base_) != kOk) {
       base_ = 0;
       return;
     }
@@ -53,42 +53,32 @@ class KvSpace {
 
   bool ok() const { return base_ != 0; }
   uintptr_t base() const { return base_; }
-  size_t page_bytes() const { return page_bytes_; }
   size_t n_pages() const { return pages_.size(); }
   int owner() const { return owner_; }
 
-  // Maps chunks under an unmapped page; it comes back pinned.
+  // Maps a chunk under an unmapped page; it comes back pinned.
   int map_page(uint32_t p) {
     std::lock_guard<std::mutex> g(mu_);
     if (p >= pages_.size()) return kInvalidArgument;
     Page& pg = pages_[p];
     // A reclaimed page is mapped again only once Python has seen it go.
     if (pg.state != kUnmapped || pg.reclaimed_unseen) return kInvalidArgument;
-    size_t n = page_bytes_ / chunk_;
-    pg.chunks.resize(n);
-    int r = pool_->acquire(owner_, n, pg.chunks.data());
+    int r = pool_->acquire(owner_, 1, &pg.chunk);
+    if (r != kOk) return r;
+    uintptr_t va = base_ + p * chunk_;
+    r = be_->map(va, chunk_, pool_->handle(pg.chunk));
     if (r != kOk) {
-      pg.chunks.clear();
-      return r;
+      pool_->release(owner_, 1, &pg.chunk);
+      return r == kInjectedFault ? kOutOfMemory : r;
     }
-    uintptr_t va = base_ + p * page_bytes_;
-    for (size_t k = 0; k < n; ++k) {
-      r = be_->map(va + k * chunk_, chunk_, pool_->handle(pg.chunks[k]));
-      if (r != kOk) {
-        for (size_t j = 0; j < k; ++j) be_->unmap(va + j * chunk_, chunk_);
-        pool_->release(owner_, n, pg.chunks.data());
-        pg.chunks.clear();
-        return r == kInjectedFault ? kOutOfMemory : r;
-      }
-    }
-    be_->set_access(va, page_bytes_);
+    be_->set_access(va, chunk_);
     pg.state = kPinned;
     ++mapped_;
     ++maps_;
     return kOk;
   }
 
-  // Unmaps a page (pinned or reclaimable) and gives its chunks to the pool,
+  // Unmaps a page (pinned or reclaimable) and gives its chunk to the pool,
   // once the work recorded on `stream` up to now is done. Returns 1, or 0 if
   // the pool had reclaimed it (it leaves the take_reclaimed() list), or
   // -status.
@@ -175,7 +165,7 @@ class KvSpace {
         unmap_locked(p);
       }
     pool_->unregister_owner(owner_);
-    be_->release(base_, page_bytes_ * pages_.size());
+    be_->release(base_, chunk_ * pages_.size());
     base_ = 0;
     return was_mapped;
   }
@@ -188,7 +178,7 @@ class KvSpace {
     bool fenced = false;
     bool reclaimed_unseen = false;  // reclaimed, and still in reclaimed_
     EventHandle fence = 0;
-    std::vector<ChunkId> chunks;
+    ChunkId chunk = 0;  // while mapped
   };
   std::tuple<uint32_t, uint64_t, uint32_t> key(uint32_t p) const {
     return {pages_[p].priority, pages_[p].stamp, p};
@@ -217,10 +207,8 @@ class KvSpace {
   void unmap_locked(uint32_t p) {
     Page& pg = pages_[p];
     if (pg.state == kReclaimable) reclaimable_.erase(key(p));
-    uintptr_t va = base_ + p * page_bytes_;
-    for (size_t k = 0; k < pg.chunks.size(); ++k) be_->unmap(va + k * chunk_, chunk_);
-    pool_->release(owner_, pg.chunks.size(), pg.chunks.data());
-    pg.chunks.clear();
+    be_->unmap(base_ + p * chunk_, chunk_);
+    pool_->release(owner_, 1, &pg.chunk);
     pg.state = kUnmapped;
     --mapped_;
     ++unmaps_;
@@ -231,7 +219,7 @@ class KvSpace {
       uint32_t p = std::get<2>(*it);
       ++it;  // unmap_locked erases the current entry
       if (!fence_done_locked(p)) continue;
-      got += pages_[p].chunks.size();
+      ++got;
       unmap_locked(p);
       reclaimed_.push_back(p);
       pages_[p].reclaimed_unseen = true;
@@ -248,7 +236,7 @@ class KvSpace {
 
   ChunkPool* pool_;
   Backend* be_;
-  size_t chunk_, page_bytes_;
+  size_t chunk_;
   uintptr_t base_ = 0;
   int owner_ = -1;
   std::mutex mu_;

@@ -183,7 +183,7 @@ def test_reclaimed_page_protocol(make_pool):
     """A page reclaimed and not yet listed by take_reclaimed(): set_reclaimable
     and unmap say so (unmap takes it off the list), and it cannot be mapped."""
     pool = make_pool(str(8 * CHUNK))
-    space = PageSpace(pool, "kv.t", CHUNK, 4)
+    space = PageSpace(pool, "kv.t", 4)
     for p in (0, 1):
         space.map(p)
         assert space.set_reclaimable(p, 0)

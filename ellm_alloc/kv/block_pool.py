@@ -51,8 +51,6 @@ class PageReclaimed(Exception):
 class GroupBlockPool:
     def __init__(self, space: PageSpace, layout: PageLayout, group: KVGroup):
         chunk = layout.chunk_bytes
-        if space.page_bytes != chunk:
-            raise ValueError(f"a KV space for a block pool maps single chunks ({chunk} B), not {space.page_bytes} B pages")
         self.space = space
         self.group = group
         self.ratio = layout.ratio(group)

@@ -60,7 +60,7 @@ class ContiguousKV:
                 page += max_batch * region // self.chunk
         if not self.planes:
             raise ValueError("no layers to hold")
-        self.space = PageSpace(pool, name, self.chunk, page)
+        self.space = PageSpace(pool, name, page)
         self.seq_pages: list[set[int]] = [set() for _ in range(max_batch)]  # mapped pages per sequence
         self.lengths = [0] * max_batch  # tokens with KV slots, per sequence
         self._tensors: dict[tuple[int, int], torch.Tensor] = {}

@@ -97,7 +97,7 @@ class KVCacheManager:
         for g in self.layout.groups:
             n_large = capacity // g.large_page_bytes + 1  # VA only: any group may hold the whole budget
             # The space maps single chunks; the block pool groups them into large pages.
-            space = PageSpace(pool, f"{name}.g{g.group_id}.{g.kind}", chunk, n_large * (g.large_page_bytes // chunk))
+            space = PageSpace(pool, f"{name}.g{g.group_id}.{g.kind}", n_large * (g.large_page_bytes // chunk))
             bp = GroupBlockPool(space, self.layout, g)
             if static_shares is not None:
                 bp.max_pages = int(capacity * static_shares.get(g.group_id, 0.0)) // g.large_page_bytes

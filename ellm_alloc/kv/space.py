@@ -1,4 +1,4 @@
-"""PageSpace: a KV space's VA range of equal pages, backed by pool chunks.
+"""PageSpace: a KV space's VA range of pages of one pool chunk each.
 
 The Python face of csrc/kv_space.h. Pages are mapped and unmapped here; the
 pool may reclaim pages marked reclaimable without calling Python, and
@@ -20,17 +20,17 @@ UNMAPPED, PINNED, RECLAIMABLE = 0, 1, 2
 
 
 class PageSpace:
-    """`n_pages` pages of `page_bytes` (a multiple of the pool's chunk size)."""
+    """`n_pages` pages of one chunk each, at contiguous VA."""
 
-    def __init__(self, pool: Pool, name: str, page_bytes: int, n_pages: int):
-        handle = N.lib.ellm_kv_create(pool.handle, name.encode(), page_bytes, n_pages)
+    def __init__(self, pool: Pool, name: str, n_pages: int):
+        handle = N.lib.ellm_kv_create(pool.handle, name.encode(), n_pages)
         if not handle:
             raise_for_status(N.last_status() or N.INVALID_ARGUMENT)
         self._handle = handle
         self.pool = pool  # the pool must outlive the space
         pool._dependents.add(self)  # ... and closes it first when closed explicitly
         self.name = name
-        self.page_bytes = page_bytes
+        self.page_bytes = pool.stats()["chunk_bytes"]
         self.n_pages = n_pages
         self.base = N.lib.ellm_kv_base(handle)
         self.owner = N.lib.ellm_kv_owner(handle)
@@ -46,7 +46,7 @@ class PageSpace:
         return self.base + page * self.page_bytes
 
     def map(self, page: int) -> None:
-        """Maps chunks under `page`; raises OutOfMemoryError when the pool has none."""
+        """Maps a chunk under `page`; raises OutOfMemoryError when the pool has none."""
         raise_for_status(N.lib.ellm_kv_map(self.handle, page))
 
     def unmap(self, page: int, stream: int = 0) -> bool:
