@@ -208,7 +208,7 @@ class GroupBlockPool:
         if self.chunks_per_page > 1:
             for page in sorted(self.leftovers):
                 for slot in self.page_free[page]:
-                    if all(self.chunk_mapped[k] for k in self.block_chunks(page * self.ratio + slot)):
+                    if self._unmapped_under(page, slot) == 0:
                         return self._take_slot(page, slot)
         b = self._evict_one()
         if b is None:
@@ -232,8 +232,7 @@ class GroupBlockPool:
         free = self.page_free[page]
         if self.chunks_per_page == 1:
             return free[-1]
-        return min(free, key=lambda s: (sum(1 for k in self.block_chunks(page * self.ratio + s)
-                                             if not self.chunk_mapped[k]), s))
+        return min(free, key=lambda s: (self._unmapped_under(page, s), s))
 
     def _take_slot(self, page: int, slot: int | None = None) -> int:
         """Makes a free slot of `page` a live block. On OutOfMemoryError or
@@ -316,7 +315,8 @@ class GroupBlockPool:
             lo += 1
         return moves, len(to_map)
 
-    def _unmapped_under(self, page: int, slot: int, planned: set[int]) -> int:
+    def _unmapped_under(self, page: int, slot: int, planned: frozenset[int] | set[int] = frozenset()) -> int:
+        """Chunks under a free slot still to map (beyond those `planned`)."""
         return sum(1 for k in self.block_chunks(page * self.ratio + slot)
                    if not self.chunk_mapped[k] and k not in planned)
 
@@ -456,7 +456,7 @@ class GroupBlockPool:
         n -= self.num_evictable()
         if n <= 0:
             return 0
-        costs = sorted((self._unmapped_under(p, s, set()), p, s) for p, free in self.page_free.items() for s in free)
+        costs = sorted((self._unmapped_under(p, s), p, s) for p, free in self.page_free.items() for s in free)
         chunks: set[int] = set()
         for _, p, s in costs[:n]:
             chunks.update(k for k in self.block_chunks(p * self.ratio + s) if not self.chunk_mapped[k])
