@@ -231,3 +231,28 @@ def test_can_allocate_never_promises_what_allocate_refuses(budget_chunks, sizes,
         mgr.close()
     finally:
         assert pool.close() == 0
+
+
+def test_counts_change_over_a_chunk_reclaimed_since_sync(make_pool):
+    """Between sync() and the next one the pool may take a reclaimable chunk
+    at any moment (another thread's torch allocation). Evicting the blocks
+    over it then re-marks or unmaps a chunk that is already gone: the C side
+    says so, and the ledger still balances without waiting for sync()."""
+    pool = make_pool(str(8 * CHUNK))
+    mgr = manager(pool)
+    for rid, tok in (("a", 1), ("b", 2), ("c", 3)):  # slots 0, 1, 2: chunks 0-1, 1-2, 2-3
+        admit(mgr, rid, [tok] * BS)
+    for rid in ("a", "b", "c"):
+        mgr.free(rid)
+    bp, space = mgr.pools[0], mgr.spaces[0]
+    assert [space.state(k) for k in range(4)] == [RECLAIMABLE] * 4
+    assert space.reclaim(3) == 3  # oldest first: chunks 0, 1, 2 (each re-marked when its second block was freed)
+    assert [space.state(k) for k in range(4)] == [UNMAPPED] * 3 + [RECLAIMABLE]
+    for _ in range(3):  # evict a, b, c without a sync() first, as a racing reclaim leaves it
+        b = bp._evict_one()
+        bp._chunks_changed(b)  # re-marks chunks 1, 2 (gone: said so) and unmaps 0-3 (gone ones acknowledged)
+        bp._close_if_unused(b // bp.ratio)
+    assert bp.mapped_chunks == 0 == owner_chunks(pool, mgr) == space.stats()["mapped_pages"]
+    assert space.take_reclaimed() == []  # every reclaimed chunk was acknowledged by its unmap
+    mgr.check()
+    mgr.close()
