@@ -456,6 +456,9 @@ class GroupBlockPool:
         n -= self.num_evictable()
         if n <= 0:
             return 0
+        if self.chunks_per_page == 1:  # an open page's one chunk is mapped: its free slots cost nothing
+            n -= self.num_free_slots()
+            return -(-n // self.ratio) if n > 0 else 0
         costs = sorted((self._unmapped_under(p, s), p, s) for p, free in self.page_free.items() for s in free)
         chunks: set[int] = set()
         for _, p, s in costs[:n]:
