@@ -66,6 +66,45 @@ def test_paged_and_contiguous_views_are_cuda_tensors_over_pool_memory(py):
     assert out["kv_chunks_after_close"] == 0
 
 
+def test_blocks_straddling_chunks_on_cuda(py):
+    """2.5 MiB blocks on 2 MiB chunks: each block's bytes lie on two chunks,
+    mapped one by one and shared with the neighbour; a GPU write across the
+    boundary reads back, and a lone block holds two chunks, not the page's five."""
+    r = py("""
+        import json, torch, ellm_alloc
+        from ellm_alloc.kv import FullAttentionSpec, ModelKVSpec, KVCacheManager
+        ellm_alloc.enable(budget="1GiB")
+        pool = ellm_alloc.device_pool()
+        kv = KVCacheManager(ModelKVSpec("m", (FullAttentionSpec(20, 1024, "float32"),)), pool,
+                            block_size=16, enable_prefix_caching=False)
+        out = {"chunks": []}
+        srcs = {}
+        for rid in ("a", "b", "c"):
+            kv.add_request(rid, [1] * 16)
+            kv.allocate_slots(rid, 16)
+            out["chunks"].append(kv.usage()["groups"][0]["mapped_chunks"])
+            k, v = kv.layer_tensors(0)
+            (b,) = kv.block_table(rid, 0)
+            srcs[rid] = (b, torch.randn(*k.shape[1:], device="cuda"))
+            k[b] = srcs[rid][1]
+            v[b] = -srcs[rid][1]
+        torch.cuda.synchronize()
+        k, v = kv.layer_tensors(0)
+        out["intact"] = all(bool(torch.equal(k[b], x) and torch.equal(v[b], -x)) for b, x in srcs.values())
+        kv.free("b")
+        kv.free("a")
+        out["after_free"] = kv.usage()["groups"][0]["mapped_chunks"]
+        b, x = srcs["c"]
+        out["c_intact"] = bool(torch.equal(k[b], x))
+        kv.close()
+        print(json.dumps(out))
+    """)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.splitlines()[-1])
+    assert out["chunks"] == [2, 3, 4] and out["intact"]
+    assert out["after_free"] == 2 and out["c_intact"]
+
+
 def test_arena_reclaims_free_kv_pages_and_kv_grows_back(py):
     r = py("""
         import json, torch, ellm_alloc
