@@ -358,10 +358,12 @@ int64_t ellm_kv_destroy(ellm_kv_space* space) {
 }
 uintptr_t ellm_kv_base(ellm_kv_space* space) { return space->space->base(); }
 int ellm_kv_owner(ellm_kv_space* space) { return space->space->owner(); }
-int ellm_kv_map(ellm_kv_space* space, uint32_t page) {
-  int r = space->space->map_page(page);
-  if (r == kOutOfMemory) return fail(r, "out of memory: cannot map KV page " + std::to_string(page));
-  return r == kOk ? kOk : fail(r, "KV map of page " + std::to_string(page) + ": " + status_name(r));
+int ellm_kv_map(ellm_kv_space* space, uint32_t first, uint32_t count) {
+  int r = space->space->map_pages(first, count);
+  std::string what = "KV page" + (count == 1 ? " " + std::to_string(first)
+                                             : "s " + std::to_string(first) + "-" + std::to_string(first + count - 1));
+  if (r == kOutOfMemory) return fail(r, "out of memory: cannot map " + what);
+  return r == kOk ? kOk : fail(r, "KV map of " + what + ": " + status_name(r));
 }
 int ellm_kv_unmap(ellm_kv_space* space, uint32_t page, uintptr_t stream) {
   int r = space->space->unmap_page(page, stream);

@@ -91,7 +91,7 @@ ellm_kv_space* ellm_kv_create(ellm_pool* pool, const char* name, size_t n_pages)
 int64_t ellm_kv_destroy(ellm_kv_space* space);  // returns pages still mapped (now unmapped)
 uintptr_t ellm_kv_base(ellm_kv_space* space);
 int ellm_kv_owner(ellm_kv_space* space);
-int ellm_kv_map(ellm_kv_space* space, uint32_t page);
+int ellm_kv_map(ellm_kv_space* space, uint32_t first, uint32_t count);  // all or none
 // unmap and set_reclaimable: 1 done, 0 the pool had reclaimed the page, <0 error
 int ellm_kv_unmap(ellm_kv_space* space, uint32_t page, uintptr_t stream);
 int ellm_kv_set_reclaimable(ellm_kv_space* space, uint32_t page, uint32_t priority, uintptr_t stream);

@@ -56,25 +56,32 @@ class KvSpace {
   size_t n_pages() const { return pages_.size(); }
   int owner() const { return owner_; }
 
-  // Maps a chunk under an unmapped page; it comes back pinned.
-  int map_page(uint32_t p) {
+  // Maps a chunk under each of the unmapped pages [p, p + n), all or none,
+  // with one access grant for the run; they come back pinned.
+  int map_pages(uint32_t p, uint32_t n) {
     std::lock_guard<std::mutex> g(mu_);
-    if (p >= pages_.size()) return kInvalidArgument;
-    Page& pg = pages_[p];
-    // A reclaimed page is mapped again only once Python has seen it go.
-    if (pg.state != kUnmapped || pg.reclaimed_unseen) return kInvalidArgument;
-    int r = pool_->acquire(owner_, 1, &pg.chunk);
+    if (n == 0 || p >= pages_.size() || n > pages_.size() - p) return kInvalidArgument;
+    for (uint32_t q = p; q < p + n; ++q)  // a reclaimed page is mapped again only once Python has seen it go
+      if (pages_[q].state != kUnmapped || pages_[q].reclaimed_unseen) return kInvalidArgument;
+    std::vector<ChunkId> ids(n);
+    int r = pool_->acquire(owner_, n, ids.data());
     if (r != kOk) return r;
     uintptr_t va = base_ + p * chunk_;
-    r = be_->map(va, chunk_, pool_->handle(pg.chunk));
-    if (r != kOk) {
-      pool_->release(owner_, 1, &pg.chunk);
-      return r == kInjectedFault ? kOutOfMemory : r;
+    for (uint32_t k = 0; k < n; ++k) {
+      r = be_->map(va + k * chunk_, chunk_, pool_->handle(ids[k]));
+      if (r != kOk) {
+        for (uint32_t j = 0; j < k; ++j) be_->unmap(va + j * chunk_, chunk_);
+        pool_->release(owner_, n, ids.data());
+        return r == kInjectedFault ? kOutOfMemory : r;
+      }
     }
-    be_->set_access(va, chunk_);
-    pg.state = kPinned;
-    ++mapped_;
-    ++maps_;
+    be_->set_access(va, n * chunk_);
+    for (uint32_t k = 0; k < n; ++k) {
+      pages_[p + k].chunk = ids[k];
+      pages_[p + k].state = kPinned;
+    }
+    mapped_ += n;
+    maps_ += n;
     return kOk;
   }
 

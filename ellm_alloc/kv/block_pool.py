@@ -132,20 +132,27 @@ class GroupBlockPool:
         Raises OutOfMemoryError or PageReclaimed having undone its work."""
         chunks = self.block_chunks(b)
         try:
+            run = None  # first of the unmapped chunks seen last, mapped together
             for k in chunks:
-                if self.chunk_live[k]:
+                if not self.chunk_mapped[k]:
+                    run = k if run is None else run
                     continue
-                if self.chunk_mapped[k]:
-                    if not self.space.pin(k):
-                        raise PageReclaimed(k)
-                else:
-                    self.space.map(k)
-                    self.chunk_mapped[k] = 1
-                    self.mapped_chunks += 1
+                if run is not None:
+                    self._map_run(run, k)
+                    run = None
+                if not self.chunk_live[k] and not self.space.pin(k):
+                    raise PageReclaimed(k)
+            if run is not None:
+                self._map_run(run, chunks.stop)
         except (OutOfMemoryError, PageReclaimed):
             for k in chunks:
                 self._chunk_changed(k)  # reclaimable again, or unmapped
             raise
+
+    def _map_run(self, lo: int, hi: int) -> None:
+        self.space.map(lo, hi - lo)
+        self.chunk_mapped[lo:hi] = b"\x01" * (hi - lo)
+        self.mapped_chunks += hi - lo
 
     def _slot_freed(self, b: int) -> None:
         page = b // self.ratio

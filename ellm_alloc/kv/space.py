@@ -45,9 +45,10 @@ class PageSpace:
     def page_addr(self, page: int) -> int:
         return self.base + page * self.page_bytes
 
-    def map(self, page: int) -> None:
-        """Maps a chunk under `page`; raises OutOfMemoryError when the pool has none."""
-        raise_for_status(N.lib.ellm_kv_map(self.handle, page))
+    def map(self, page: int, count: int = 1) -> None:
+        """Maps a chunk under each of pages [page, page + count), all or none;
+        raises OutOfMemoryError when the pool cannot give them."""
+        raise_for_status(N.lib.ellm_kv_map(self.handle, page, count))
 
     def unmap(self, page: int, stream: int = 0) -> bool:
         """Unmaps `page` once `stream`'s work so far is done. False if the pool
