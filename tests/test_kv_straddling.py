@@ -256,3 +256,22 @@ def test_counts_change_over_a_chunk_reclaimed_since_sync(make_pool):
     assert space.take_reclaimed() == []  # every reclaimed chunk was acknowledged by its unmap
     mgr.check()
     mgr.close()
+
+
+def test_a_run_of_pages_maps_all_or_none(make_pool):
+    pool = make_pool(str(3 * CHUNK))
+    space = PageSpace(pool, "kv.t", 6)
+    with pytest.raises(OutOfMemoryError):
+        space.map(0, 4)  # the budget holds three
+    assert space.stats()["mapped_pages"] == 0 and pool.owners()[space.owner]["held_chunks"] == 0
+    space.map(2)
+    with pytest.raises(ValueError, match="pages 1-3"):
+        space.map(1, 3)  # page 2 is mapped already
+    for bad in ((0, 0), (5, 2), (6, 1)):
+        with pytest.raises(ValueError):
+            space.map(*bad)
+    assert [space.state(p) for p in range(6)] == [UNMAPPED, UNMAPPED, PINNED, UNMAPPED, UNMAPPED, UNMAPPED]
+    space.map(0, 2)
+    assert space.stats()["mapped_pages"] == 3 == pool.owners()[space.owner]["held_chunks"]
+    pool.validate()
+    space.close()
