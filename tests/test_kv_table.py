@@ -247,3 +247,47 @@ def test_fork_child_keeps_its_window(pool, kind, n):
     assert all(bt[i] != pt[i] for i in range(full, len(bt)) if bt[i] is not None)
     mgr.check()
     mgr.close()
+
+
+@pytest.mark.parametrize("caching, moves", [(True, True), (False, False)])
+def test_mamba_state_moves_only_to_leave_a_cache_entry(pool, caching, moves):
+    """Crossing into a new block, the state is copied to a fresh block only
+    when the old one stays behind as a prefix-cache entry; otherwise the same
+    block moves up the table, with its bytes, and nothing is mapped or copied."""
+    model = ModelKVSpec("m", (SPECS["mamba"],))
+    mgr = KVCacheManager(model, pool, block_size=BS, enable_prefix_caching=caching,
+                         max_cached_fraction=float("inf"))
+    mgr.add_request("a", T[:3])
+    mgr.allocate_slots("a", 3)
+    (states,) = mgr.layer_tensors(0)
+    first = mgr.block_table("a", 0)[0]
+    states[first, :8] = 7
+    seen = {first}
+    for n in range(4, 14):  # crosses into blocks 1, 2 and 3
+        mgr.allocate_slots("a", 1, [T[n - 1]])
+        bt = mgr.block_table("a", 0)
+        cur = bt[(n - 1) // BS]
+        assert [i for i, b in enumerate(bt) if b is not None] == [(n - 1) // BS]
+        assert bool((states[cur, :8] == 7).all()), "the state did not follow the request"
+        seen.add(cur)
+        mgr.check()
+    assert (len(seen) == 4) == moves and (len(seen) == 1) == (not moves)
+    assert mgr.usage()["groups"][0]["cached_blocks"] == (3 if caching else 0)
+    mgr.close()
+
+
+def test_mamba_state_shared_by_a_fork_is_copied_even_without_caching(pool):
+    """At an exact block boundary a fork shares the parent's state block; the
+    next step must give each its own copy, cache or no cache."""
+    model = ModelKVSpec("m", (SPECS["mamba"],))
+    mgr = KVCacheManager(model, pool, block_size=BS, enable_prefix_caching=False)
+    mgr.add_request("p", T[:8])
+    mgr.allocate_slots("p", 8)
+    mgr.fork("p", "c")
+    assert mgr.block_table("p", 0) == mgr.block_table("c", 0)  # block 1, shared
+    mgr.allocate_slots("p", 1, [1])
+    mgr.allocate_slots("c", 1, [2])
+    bp, bc = mgr.block_table("p", 0)[2], mgr.block_table("c", 0)[2]
+    assert bp is not None and bc is not None and bp != bc
+    mgr.check()
+    mgr.close()

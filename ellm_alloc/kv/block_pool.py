@@ -432,6 +432,11 @@ class GroupBlockPool:
     def lookup(self, h: int) -> int | None:
         return self.cached.get(h)
 
+    def sole_uncached_holder(self, b: int) -> bool:
+        """Whether one request holds b and the prefix cache does not: once
+        that request lets go, b is simply free."""
+        return self.ref[b] == 1 and b not in self.block_hash
+
     def _uncache(self, b: int) -> None:
         """Forgets b's hash; an evictable b stops being cached (its chunks'
         counts drop, their C++ state is the caller's to update)."""

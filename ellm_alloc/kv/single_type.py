@@ -136,29 +136,53 @@ class MambaManager(SingleTypeManager):
     allocate() copies the state into a fresh block (stream-ordered on CUDA)
     and the old block is released; it stays cached, holding the state at its
     block boundary. A hit of L blocks needs the state saved at the end of
-    block L-1."""
+    block L-1. An old block that the prefix cache does not hold (prefix
+    caching off, or its hash cached by another block) and no one else holds
+    would only be freed after the copy: it moves to the new position as it is."""
 
     def first_needed_block(self, num_tokens: int) -> int:
         return (num_tokens - 1) // self.bs if num_tokens else 0
 
+    def _last_held(self, blocks: list[int | None]) -> int | None:
+        return next((i for i in range(len(blocks) - 1, -1, -1) if blocks[i] is not None), None)
+
+    def _moves_in_place(self, blocks: list[int | None], cur: int) -> bool:
+        """Whether the state block reaches index cur by moving as it is."""
+        if cur < len(blocks) and blocks[cur] is not None:
+            return False
+        last = self._last_held(blocks)
+        return last is not None and self.pool.sole_uncached_holder(blocks[last])
+
     def num_new_blocks(self, request_id: str, num_tokens: int) -> int:
         blocks = self.req_blocks.get(request_id, [])
         cur = self.first_needed_block(num_tokens)
-        return 0 if cur < len(blocks) and blocks[cur] is not None else 1
+        if (cur < len(blocks) and blocks[cur] is not None) or self._moves_in_place(blocks, cur):
+            return 0
+        return 1
 
     def allocate(self, request_id: str, num_tokens: int) -> list[int]:
         blocks = self.req_blocks.setdefault(request_id, [])
         cur = self.first_needed_block(num_tokens)
-        if cur < len(blocks) and blocks[cur] is not None:
-            return []
+        if (cur < len(blocks) and blocks[cur] is not None) or self._moves_in_place(blocks, cur):
+            return []  # remove_skipped moves it once every group has its blocks
         (new,) = self.pool.allocate(request_id, 1)
-        prev = next((blocks[i] for i in range(len(blocks) - 1, -1, -1) if blocks[i] is not None), None)
+        last = self._last_held(blocks)
         blocks.extend([None] * (cur + 1 - len(blocks)))
         blocks[cur] = new
-        if prev is not None:  # the state moves on; remove_skipped then releases prev
+        if last is not None:  # the state moves on; remove_skipped then releases the old block
             data, step, size = self.pool.space.bytes_view(), self.group.padded_small_bytes, self.group.small_page_bytes
-            data[new * step:new * step + size].copy_(data[prev * step:prev * step + size])
+            old = blocks[last]
+            data[new * step:new * step + size].copy_(data[old * step:old * step + size])
         return [new]
+
+    def remove_skipped(self, request_id: str, num_tokens: int, stream: int = 0) -> int:
+        blocks = self.req_blocks.get(request_id, [])
+        cur = self.first_needed_block(num_tokens)
+        if self._moves_in_place(blocks, cur):
+            last = self._last_held(blocks)
+            blocks.extend([None] * (cur + 1 - len(blocks)))
+            blocks[cur], blocks[last] = blocks[last], None
+        return super().remove_skipped(request_id, num_tokens, stream)
 
     def hit_valid(self, hashes: list[int], num_blocks: int) -> bool:
         return num_blocks == 0 or self.pool.lookup(hashes[num_blocks - 1]) is not None
