@@ -215,7 +215,7 @@ class GroupBlockPool:
         if self.chunks_per_page > 1:
             for page in sorted(self.leftovers):
                 for slot in self.page_free[page]:
-                    if self._unmapped_under(page, slot) == 0:
+                    if not self._chunks_to_map(page, slot):
                         return self._take_slot(page, slot)
         b = self._evict_one()
         if b is None:
@@ -239,7 +239,7 @@ class GroupBlockPool:
         free = self.page_free[page]
         if self.chunks_per_page == 1:
             return free[-1]
-        return min(free, key=lambda s: (self._unmapped_under(page, s), s))
+        return min(free, key=lambda s: (len(self._chunks_to_map(page, s)), s))
 
     def _take_slot(self, page: int, slot: int | None = None) -> int:
         """Makes a free slot of `page` a live block. On OutOfMemoryError or
@@ -305,10 +305,10 @@ class GroupBlockPool:
                 while not free[partly[h]]:
                     h -= 1
                 dst = partly[h]
-                slot = min(free[dst], key=lambda s: (self._unmapped_under(dst, s, to_map | new_chunks), s))
+                planned = to_map | new_chunks
+                slot = min(free[dst], key=lambda s: (len(self._chunks_to_map(dst, s, planned)), s))
                 free[dst].remove(slot)
-                new_chunks.update(k for k in self.block_chunks(dst * self.ratio + slot)
-                                  if not self.chunk_mapped[k] and k not in to_map)
+                new_chunks.update(self._chunks_to_map(dst, slot, to_map))
                 plan.append((b, dst, slot))
             freed = sum(1 for k in range(src * self.chunks_per_page, (src + 1) * self.chunks_per_page)
                         if self.chunk_mapped[k])
@@ -322,10 +322,9 @@ class GroupBlockPool:
             lo += 1
         return moves, len(to_map)
 
-    def _unmapped_under(self, page: int, slot: int, planned: frozenset[int] | set[int] = frozenset()) -> int:
+    def _chunks_to_map(self, page: int, slot: int, planned: frozenset[int] | set[int] = frozenset()) -> list[int]:
         """Chunks under a free slot still to map (beyond those `planned`)."""
-        return sum(1 for k in self.block_chunks(page * self.ratio + slot)
-                   if not self.chunk_mapped[k] and k not in planned)
+        return [k for k in self.block_chunks(page * self.ratio + slot) if not self.chunk_mapped[k] and k not in planned]
 
     def _page_blocks(self, page: int) -> range:
         return range(page * self.ratio, (page + 1) * self.ratio)
@@ -471,10 +470,10 @@ class GroupBlockPool:
         if self.chunks_per_page == 1:  # an open page's one chunk is mapped: its free slots cost nothing
             n -= self.num_free_slots()
             return -(-n // self.ratio) if n > 0 else 0
-        costs = sorted((self._unmapped_under(p, s), p, s) for p, free in self.page_free.items() for s in free)
+        costs = sorted((len(self._chunks_to_map(p, s)), p, s) for p, free in self.page_free.items() for s in free)
         chunks: set[int] = set()
         for _, p, s in costs[:n]:
-            chunks.update(k for k in self.block_chunks(p * self.ratio + s) if not self.chunk_mapped[k])
+            chunks.update(self._chunks_to_map(p, s))
         whole, rest = divmod(n - min(n, len(costs)), self.ratio)
         # A fresh page's first `rest` slots cover its chunks up to the end of slot rest - 1.
         return len(chunks) + whole * self.chunks_per_page + (self.slot_chunks[rest - 1].stop if rest else 0)

@@ -153,18 +153,18 @@ class MambaManager(SingleTypeManager):
         last = self._last_held(blocks)
         return last is not None and self.pool.sole_uncached_holder(blocks[last])
 
+    def _needs_new_block(self, blocks: list[int | None], cur: int) -> bool:
+        held = cur < len(blocks) and blocks[cur] is not None
+        return not held and not self._moves_in_place(blocks, cur)
+
     def num_new_blocks(self, request_id: str, num_tokens: int) -> int:
-        blocks = self.req_blocks.get(request_id, [])
-        cur = self.first_needed_block(num_tokens)
-        if (cur < len(blocks) and blocks[cur] is not None) or self._moves_in_place(blocks, cur):
-            return 0
-        return 1
+        return int(self._needs_new_block(self.req_blocks.get(request_id, []), self.first_needed_block(num_tokens)))
 
     def allocate(self, request_id: str, num_tokens: int) -> list[int]:
         blocks = self.req_blocks.setdefault(request_id, [])
         cur = self.first_needed_block(num_tokens)
-        if (cur < len(blocks) and blocks[cur] is not None) or self._moves_in_place(blocks, cur):
-            return []  # remove_skipped moves it once every group has its blocks
+        if not self._needs_new_block(blocks, cur):
+            return []  # held already, or remove_skipped moves it once every group has its blocks
         (new,) = self.pool.allocate(request_id, 1)
         last = self._last_held(blocks)
         blocks.extend([None] * (cur + 1 - len(blocks)))
