@@ -54,13 +54,22 @@ void clear_error() {
   t_error.clear();
 }
 
-// After fork() the child shares the parent's host-pool pages and cannot use
-// the parent's CUDA context: every entry point becomes inert there.
+// After fork() the child cannot use the parent's CUDA context, and its copy
+// of a host pool's ledger describes chunks that belong to the parent: every
+// entry point becomes inert there (malloc fails with kForkedChild, free does
+// nothing). The host backend's handlers make the child's view of pool memory
+// copy-on-write first, so the child can read inherited tensors and never
+// writes into the parent's (backend_host.h).
 std::atomic<bool> g_forked{false};
-void on_fork_child() { g_forked.store(true); }
+void on_fork_child() {
+  HostBackend::after_fork_in_child();
+  g_forked.store(true);
+}
 std::once_flag g_atfork_once;
 void install_atfork() {
-  std::call_once(g_atfork_once, [] { pthread_atfork(nullptr, nullptr, on_fork_child); });
+  std::call_once(g_atfork_once, [] {
+    pthread_atfork(HostBackend::before_fork, HostBackend::after_fork_in_parent, on_fork_child);
+  });
 }
 
 std::string human(size_t b) {

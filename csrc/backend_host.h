@@ -12,6 +12,20 @@
 //
 // Stricter than the driver on purpose: mapping a VA that is mapped, or a chunk
 // that is mapped elsewhere, fails. The ledger above must never ask for either.
+//
+// fork(). Chunks are mapped MAP_SHARED from the memfd, and a forked child (a
+// DataLoader worker, say) inherits those mappings: through them it could
+// write into the parent's tensors. So every host backend of the process is
+// listed, and the fork handlers below turn each of its mappings in the child
+// into a MAP_PRIVATE mapping of the same file offset before the child runs:
+//   * the child still reads the parent's data (the same file pages);
+//   * its first write to a page copies that page, privately: the parent's
+//     memory never changes through the child;
+//   * a page the child has not written keeps showing the file, so it sees
+//     later writes of the parent there (as with any MAP_PRIVATE file mapping).
+// The prepare handler takes every backend's lock, so no map or unmap is half
+// done when the child's copy of the table is read. The child never maps or
+// creates chunks (the allocator is inert there: see allocator.cu).
 #pragma once
 
 #include <sys/mman.h>
@@ -20,6 +34,7 @@
 #include <fcntl.h>
 #include <cerrno>
 #include <cstring>
+#include <algorithm>
 #include <mutex>
 #include <unordered_map>
 #include <vector>
@@ -34,8 +49,15 @@ class HostBackend final : public Backend {
 
   explicit HostBackend(int device) : device_(device) {
     fd_ = memfd_create("ellm_alloc_pool", MFD_CLOEXEC);
+    std::lock_guard<std::mutex> g(registry().mu);
+    registry().live.push_back(this);
   }
   ~HostBackend() override {
+    {
+      std::lock_guard<std::mutex> g(registry().mu);
+      auto& v = registry().live;
+      v.erase(std::remove(v.begin(), v.end(), this), v.end());
+    }
     if (fd_ >= 0) close(fd_);
   }
   bool ok() const { return fd_ >= 0; }
@@ -85,13 +107,20 @@ class HostBackend final : public Backend {
     void* p = mmap(reinterpret_cast<void*>(va), bytes, PROT_NONE, MAP_FIXED | MAP_SHARED, fd_,
                    static_cast<off_t>(h));
     if (p == MAP_FAILED) return kBackendError;
-    mapped_va_[va] = h;
+    mapped_va_[va] = {h, bytes, false};
     mapped_handle_[h] = va;
     return kOk;
   }
   int set_access(uintptr_t va, size_t bytes) override {
-    return mprotect(reinterpret_cast<void*>(va), bytes, PROT_READ | PROT_WRITE) == 0 ? kOk
-                                                                                    : kBackendError;
+    std::lock_guard<std::mutex> g(mu_);
+    if (mprotect(reinterpret_cast<void*>(va), bytes, PROT_READ | PROT_WRITE) != 0) return kBackendError;
+    for (uintptr_t a = va; a < va + bytes;) {  // the run's mappings, for the fork handler
+      auto it = mapped_va_.find(a);
+      if (it == mapped_va_.end()) break;
+      it->second.accessible = true;
+      a += it->second.bytes;
+    }
+    return kOk;
   }
   int unmap(uintptr_t va, size_t bytes) override {
     std::lock_guard<std::mutex> g(mu_);
@@ -100,7 +129,7 @@ class HostBackend final : public Backend {
     void* p = mmap(reinterpret_cast<void*>(va), bytes, PROT_NONE,
                    MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (p == MAP_FAILED) return kBackendError;
-    mapped_handle_.erase(it->second);
+    mapped_handle_.erase(it->second.handle);
     mapped_va_.erase(it);
     return kOk;
   }
@@ -175,7 +204,55 @@ class HostBackend final : public Backend {
     return mapped_va_.size();
   }
 
+  // pthread_atfork handlers for every host backend of the process (installed
+  // once by allocator.cu). See the fork note at the top of this file.
+  static void before_fork() {
+    registry().mu.lock();
+    for (HostBackend* b : registry().live) b->mu_.lock();
+  }
+  static void after_fork_in_parent() {
+    for (HostBackend* b : registry().live) b->mu_.unlock();
+    registry().mu.unlock();
+  }
+  static void after_fork_in_child() {
+    for (HostBackend* b : registry().live) {
+      b->make_mappings_private();
+      b->mu_.unlock();
+    }
+    registry().mu.unlock();
+  }
+
  private:
+  struct Mapping {
+    ChunkHandle handle;
+    size_t bytes;
+    bool accessible;  // set_access() has run over it
+  };
+  // Leaked on purpose: torch may free tensors (and so reach a backend) during
+  // static destruction at exit.
+  struct Registry {
+    std::mutex mu;
+    std::vector<HostBackend*> live;
+  };
+  static Registry& registry() {
+    static Registry* r = new Registry;
+    return *r;
+  }
+
+  // Child side of fork(): the same file offsets, mapped copy-on-write. A
+  // failure leaves that range PROT_NONE, so the child faults on it instead
+  // of ever writing into the parent's pages.
+  void make_mappings_private() {
+    for (auto& [va, m] : mapped_va_) {
+      int prot = m.accessible ? PROT_READ | PROT_WRITE : PROT_NONE;
+      void* p = mmap(reinterpret_cast<void*>(va), m.bytes, prot, MAP_FIXED | MAP_PRIVATE, fd_,
+                     static_cast<off_t>(m.handle));
+      if (p == MAP_FAILED)
+        mmap(reinterpret_cast<void*>(va), m.bytes, PROT_NONE,
+             MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    }
+  }
+
   struct StreamClock {
     uint64_t recorded = 0, completed = 0;
     bool held = false;
@@ -194,7 +271,7 @@ class HostBackend final : public Backend {
   std::mutex mu_;
   size_t file_bytes_ = 0;
   std::unordered_map<size_t, std::vector<ChunkHandle>> free_offsets_;
-  std::unordered_map<uintptr_t, ChunkHandle> mapped_va_;
+  std::unordered_map<uintptr_t, Mapping> mapped_va_;
   std::unordered_map<ChunkHandle, uintptr_t> mapped_handle_;
   std::unordered_map<StreamId, StreamClock> clocks_;
   std::vector<HostEvent> events_;

@@ -1,10 +1,12 @@
 """ellm_alloc: elastic GPU memory for PyTorch LLM inference.
 
     import ellm_alloc
-    ellm_alloc.enable()          # every torch CUDA tensor now comes from the chunk pool
+    ellm_alloc.enable()          # every torch tensor now comes from the chunk pool
 
-On a machine without a GPU, `ellm_alloc.Pool(device="cpu", budget="1GiB")` gives
-the same pool and arena over host memory.
+On a GPU the pool is torch's CUDA allocator; on a machine without one,
+enable() routes torch's CPU allocator to the same pool and arena over host
+memory. `ellm_alloc.Pool(device="cpu", budget="1GiB")` makes a standalone
+host pool (tests, KV experiments) without touching torch's allocator.
 """
 from .config import parse_budget, parse_size
 from .errors import AllocatorError, EnableError, OutOfMemoryError
@@ -13,6 +15,7 @@ from .integrations.torch_allocator import (
     empty_cache,
     enable,
     enabled,
+    enabled_device,
     memory_stats,
     memory_summary,
     reset_peak_memory_stats,
@@ -36,6 +39,7 @@ __all__ = [
     "empty_cache",
     "enable",
     "enabled",
+    "enabled_device",
     "memory_stats",
     "memory_summary",
     "parse_budget",

@@ -81,6 +81,19 @@ def human(n: float) -> str:
     raise AssertionError
 
 
+def parse_enable_device(value: str | None, cuda_available: bool) -> str:
+    """'cuda' or 'cpu' from enable()'s device argument; None picks CUDA when
+    torch has it, else CPU."""
+    if value is None:
+        return "cuda" if cuda_available else "cpu"
+    if not isinstance(value, str):
+        raise TypeError(f"device must be 'cpu', 'cuda' or None, got {type(value).__name__}")
+    text = value.strip().lower()
+    if text in ("cpu", "cuda"):
+        return text
+    raise ValueError(f"device must be 'cpu', 'cuda' or None (pick CUDA when torch has it), got {value!r}")
+
+
 @dataclass(frozen=True)
 class Settings:
     """What enable() was called with, after defaults and environment."""
@@ -89,10 +102,14 @@ class Settings:
     chunk_size: int  # 0 = the device's granularity
     va_size: int  # 0 = 4 x budget
     prealloc: int
+    device: str = "cuda"  # whose allocator the pool serves: "cuda" or "cpu"
 
     @staticmethod
-    def resolve(budget=None, chunk_size=None, va_size=None, prealloc=None) -> "Settings":
+    def resolve(budget=None, chunk_size=None, va_size=None, prealloc=None, device=None,
+                cuda_available: bool = False) -> "Settings":
         env = os.environ
+        if device is None and env.get("ELLM_ALLOC_DEVICE"):
+            device = env["ELLM_ALLOC_DEVICE"]
         if budget is None and env.get("ELLM_ALLOC_BUDGET"):
             budget = env["ELLM_ALLOC_BUDGET"]
         if chunk_size is None and env.get("ELLM_ALLOC_CHUNK_SIZE"):
@@ -106,4 +123,5 @@ class Settings:
             chunk_size=parse_size(chunk_size, "chunk_size") if chunk_size is not None else 0,
             va_size=parse_size(va_size, "va_size") if va_size is not None else 0,
             prealloc=parse_size(prealloc, "prealloc") if prealloc not in (None, 0, "0") else 0,
+            device=parse_enable_device(device, cuda_available),
         )

@@ -1,15 +1,22 @@
-"""enable(): install the pool as torch's CUDA allocator.
+"""enable(): install the pool as torch's allocator, on CUDA or on CPU.
 
-torch calls ellm_malloc / ellm_free (csrc/c_api.h) through
+CUDA: torch calls ellm_malloc / ellm_free (csrc/c_api.h) through
 torch.cuda.memory.CUDAPluggableAllocator. Under a pluggable allocator torch's
 own memory statistics raise, so while enabled the common torch.cuda.memory_*
-functions are routed to the pool's figures.
+functions are routed to the pool's figures. GPU-only code: it runs only where
+torch has CUDA, and has never run on a GPU in this repository. The pool, arena
+and stats it relies on are the same code the host-pool tests exercise.
 
-GPU-only code: it runs only where torch has CUDA. The pool, arena and stats
-it relies on are the same code the host-pool tests exercise on every machine.
+CPU: a c10::Allocator in the torch shim (torch_shim.cpp, compiled against the
+installed torch) is installed with c10::SetCPUAllocator; its allocate/free go
+to a host pool's arena. Every CPU tensor made afterwards (weights,
+activations) lives in the pool, beside the KV spaces of an ElasticCache or a
+KV manager drawing on the same pool. This is what runs on a machine without
+a GPU, and it cannot be undone in a running process.
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import subprocess
@@ -24,26 +31,38 @@ from ..pool import Pool
 from ..stats import format_summary, torch_style
 
 _lock = threading.Lock()
-_state: dict = {}  # settings, allocator object, shim library: kept alive for the process
+# settings, allocator object, shim library, pool views: kept alive for the process
+_state: dict = {"pools": {}}
 
 
 def enabled() -> bool:
     return "settings" in _state
 
 
-def enable(budget=None, chunk_size=None, va_size=None, prealloc=None) -> Settings:
-    """Makes every torch CUDA allocation come from ellm_alloc's chunk pool.
+def enabled_device() -> str | None:
+    """'cuda' or 'cpu': whose allocations the pool serves; None before enable()."""
+    return _state["settings"].device if enabled() else None
 
+
+def enable(device=None, budget=None, chunk_size=None, va_size=None, prealloc=None) -> Settings:
+    """Makes every torch allocation on `device` come from ellm_alloc's chunk pool.
+
+    device: "cuda", "cpu", or None (default, or ELLM_ALLOC_DEVICE): CUDA when
+        torch has a usable GPU, else CPU.
     budget: bytes, a string such as "40GiB", or a fraction of the device's free
-        memory (default 0.9, or ELLM_ALLOC_BUDGET).
+        memory (host memory for "cpu"; default 0.9, or ELLM_ALLOC_BUDGET).
     chunk_size: physical chunk size (default: the driver's granularity, 2 MiB).
-    va_size: VA reserved per device (default 4 x budget).
+    va_size: VA reserved for the arena (default 4 x budget).
     prealloc: bytes of chunks created up front (default 0: created on demand, in batches).
 
-    Call it before the first CUDA tensor. Calling it again with the same
-    settings does nothing; with other settings it raises EnableError.
+    CUDA: call it before the first CUDA tensor. CPU: tensors made before keep
+    their own memory; every later CPU tensor comes from the pool. Calling it
+    again with the same settings does nothing; with other settings (another
+    device included) it raises EnableError.
     """
-    settings = Settings.resolve(budget, chunk_size, va_size, prealloc)
+    torch = _import_torch()
+    settings = Settings.resolve(budget, chunk_size, va_size, prealloc, device,
+                                cuda_available=_cuda_usable(torch))
     with _lock:
         if enabled():
             if _state["settings"] != settings:
@@ -52,53 +71,92 @@ def enable(budget=None, chunk_size=None, va_size=None, prealloc=None) -> Setting
                     f"be reconfigured in a running process (asked for {settings})"
                 )
             return settings
-        torch = _check_torch()
-        N.lib.ellm_configure(
-            b"cuda", settings.budget.bytes, settings.budget.fraction, settings.chunk_size,
-            settings.va_size, settings.prealloc,
-        )
-        _install_thrower(torch)
-        alloc = torch.cuda.memory.CUDAPluggableAllocator(N.LIB_PATH, "ellm_malloc", "ellm_free")
-        hooks = alloc.allocator()
-        for setter, symbol in (
-            ("set_init_fn", "ellm_init"),
-            ("set_reset_fn", "ellm_reset"),
-            ("set_memory_fraction_fn", "ellm_memory_fraction"),
-            ("set_record_stream_fn", "ellm_record_stream"),
-        ):
-            if hasattr(hooks, setter):
-                getattr(hooks, setter)(_address(symbol))
-        try:
-            torch.cuda.memory.change_current_allocator(alloc)
-        except RuntimeError as e:
-            raise EnableError(
-                "CUDA memory was already allocated with torch's native allocator; call "
-                "ellm_alloc.enable() at the top of the script, before the first CUDA tensor "
-                f"(torch said: {e})"
-            ) from None
-        _state.update(settings=settings, allocator=alloc)
-        _route_torch_memory_functions(torch)
+        if settings.device == "cuda":
+            _enable_cuda(torch, settings)
+        else:
+            _enable_cpu(torch, settings)
+        _state["settings"] = settings
         return settings
 
 
-def _check_torch():
+def _import_torch():
     try:
         import torch
     except ImportError as e:  # pragma: no cover - torch is a dependency
         raise EnableError(f"torch is not importable: {e}") from None
-    if not torch.backends.cuda.is_built():
-        raise EnableError(
-            f"this torch ({torch.__version__}) is a CPU build: there is no CUDA allocator to replace. "
-            "Use ellm_alloc.Pool(device='cpu', budget=...) for a host pool."
-        )
-    if not torch.cuda.is_available():
-        raise EnableError("torch.cuda.is_available() is False: no CUDA device or driver here")
     return torch
 
 
-def _address(symbol: str) -> int:
-    import ctypes
+def _cuda_usable(torch) -> bool:
+    return bool(torch.backends.cuda.is_built() and torch.cuda.is_available())
 
+
+def _configure(settings: Settings, backend: bytes) -> None:
+    N.lib.ellm_configure(
+        backend, settings.budget.bytes, settings.budget.fraction, settings.chunk_size,
+        settings.va_size, settings.prealloc,
+    )
+
+
+def _enable_cuda(torch, settings: Settings) -> None:
+    _check_torch(torch)
+    _configure(settings, b"cuda")
+    _install_thrower(torch)
+    alloc = torch.cuda.memory.CUDAPluggableAllocator(N.LIB_PATH, "ellm_malloc", "ellm_free")
+    hooks = alloc.allocator()
+    for setter, symbol in (
+        ("set_init_fn", "ellm_init"),
+        ("set_reset_fn", "ellm_reset"),
+        ("set_memory_fraction_fn", "ellm_memory_fraction"),
+        ("set_record_stream_fn", "ellm_record_stream"),
+    ):
+        if hasattr(hooks, setter):
+            getattr(hooks, setter)(_address(symbol))
+    try:
+        torch.cuda.memory.change_current_allocator(alloc)
+    except RuntimeError as e:
+        raise EnableError(
+            "CUDA memory was already allocated with torch's native allocator; call "
+            "ellm_alloc.enable() at the top of the script, before the first CUDA tensor "
+            f"(torch said: {e})"
+        ) from None
+    _state["allocator"] = alloc
+    _route_torch_memory_functions(torch)
+
+
+def _enable_cpu(torch, settings: Settings) -> None:
+    """Builds the host pool of device 0 and routes torch's CPU allocator to it."""
+    try:
+        shim = ctypes.CDLL(str(build_torch_shim(torch)))
+    except Exception as e:  # without the shim there is no CPU allocator to install
+        raise EnableError(f"CPU routing needs the torch shim, which could not be built: {e}") from None
+    _configure(settings, b"host")
+    handle = N.lib.ellm_device_pool(0)
+    if not handle:
+        raise EnableError(f"cannot create the host pool: {N.last_error()}")
+    pool = _pool_view(0, handle)
+    fn = shim.ellm_torch_install_cpu_allocator
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t] + [ctypes.c_void_p] * 4
+    if fn(handle, pool.arena_base, pool.stats()["va_bytes"], _address("ellm_pool_malloc"),
+          _address("ellm_pool_free"), _address("ellm_last_error"), _address("ellm_last_status")) != 0:
+        raise EnableError("torch's CPU allocator is already routed to another pool in this process")
+    if not shim.ellm_torch_cpu_allocator_installed():
+        raise EnableError("torch did not take the CPU allocator (another one was set at a higher priority)")
+    _state["shim"] = shim
+
+
+def _check_torch(torch) -> None:
+    if not torch.backends.cuda.is_built():
+        raise EnableError(
+            f"this torch ({torch.__version__}) is a CPU build: there is no CUDA allocator to replace. "
+            "Use ellm_alloc.enable(device='cpu') to route CPU tensors to a host pool."
+        )
+    if not torch.cuda.is_available():
+        raise EnableError("torch.cuda.is_available() is False: no CUDA device or driver here")
+
+
+def _address(symbol: str) -> int:
     return ctypes.cast(getattr(N.lib, symbol), ctypes.c_void_p).value
 
 
@@ -118,8 +176,6 @@ def _install_thrower(torch) -> None:
             stacklevel=3,
         )
         return
-    import ctypes
-
     lib = ctypes.CDLL(str(shim))
     N.lib.ellm_set_oom_thrower(ctypes.cast(lib.ellm_torch_throw_oom, ctypes.c_void_p))
     buf = ctypes.create_string_buffer(512)
@@ -162,6 +218,10 @@ def build_torch_shim(torch, cache_dir: Path | None = None) -> Path:
 
 
 def _device_index(device) -> int:
+    if enabled_device() == "cpu":  # one host pool serves every CPU tensor
+        if device is not None and str(device) not in ("cpu", "cpu:0", "0"):
+            raise ValueError(f"ellm_alloc is enabled for CPU tensors; there is no pool for {device!r}")
+        return 0
     import torch
 
     if device is None:
@@ -172,14 +232,23 @@ def _device_index(device) -> int:
     return d.index if d.index is not None else torch.cuda.current_device()
 
 
+def _pool_view(index: int, handle: int) -> Pool:
+    """One Pool object per device, so that what KV spaces register on it lives as long as the process."""
+    pool = _state["pools"].get(index)
+    if pool is None or pool._handle != handle:
+        pool = _state["pools"][index] = Pool._wrap(handle)
+    return pool
+
+
 def device_pool(device=None) -> Pool:
     """The pool torch allocates from on `device` (created on first use)."""
     if not enabled():
         raise EnableError("ellm_alloc is not enabled; call ellm_alloc.enable() first")
-    handle = N.lib.ellm_device_pool(_device_index(device))
+    index = _device_index(device)
+    handle = N.lib.ellm_device_pool(index)
     if not handle:
         raise EnableError(N.last_error())
-    return Pool._wrap(handle)
+    return _pool_view(index, handle)
 
 
 def memory_stats(device=None) -> dict:
@@ -189,7 +258,7 @@ def memory_stats(device=None) -> dict:
 
 def memory_summary(device=None) -> str:
     p = device_pool(device)
-    return format_summary(p.stats(), p.owners(), f"cuda:{p.device}")
+    return format_summary(p.stats(), p.owners(), f"{'cpu' if p.backend == 'host' else 'cuda'}:{p.device}")
 
 
 def empty_cache() -> None:
