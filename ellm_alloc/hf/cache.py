@@ -44,10 +44,11 @@ batch have the same length (left padding, as generate() does). reorder_cache
 (beam search), batch_select_indices and batch_repeat_interleave move K/V
 between the per-sequence ranges in place.
 
-Memory: by default a host pool on CPU models (budget= argument, default:
-the cache's worst case, so it never refuses while still only committing the
-chunks in use) and ellm_alloc's enabled CUDA pool (`ellm_alloc.enable()`)
-for CUDA models; or pass `pool=`. The device, dtype and head shapes are
+Memory: by default the pool `ellm_alloc.enable()` routes the model's device
+to (CUDA, or CPU: then weights, activations and KV share one pool); a CPU
+model without enable() gets a host pool of the cache's own (budget=
+argument, default: the cache's worst case, so it never refuses while still
+only committing the chunks in use). Or pass `pool=`. The device, dtype and head shapes are
 taken from the first update(). Tensors returned by update() are views of the
 cache's memory: do not read them after reset(), crop() or close().
 
@@ -164,14 +165,16 @@ class _Backing:
                 raise ValueError(f"ElasticCache: the pool ({pool.backend}:{pool.device}) is not on the "
                                  f"model's device {device}")
             return pool
+        from ..integrations.torch_allocator import device_pool, enabled, enabled_device
+
+        if device.type == "cpu" and enabled_device() == "cpu":  # the pool torch's CPU tensors come from
+            return device_pool()
         if device.type == "cpu":
             budget = self.budget if self.budget is not None else self._worst_case_bytes(spec, _HOST_CHUNK)
             self.own_pool = True
             return Pool("cpu", budget=budget)
         if device.type == "cuda":
-            from ..integrations.torch_allocator import device_pool, enabled
-
-            if not enabled():
+            if enabled_device() != "cuda":
                 raise RuntimeError(
                     "ElasticCache on a CUDA model needs ellm_alloc's CUDA pool: call ellm_alloc.enable() "
                     "before loading the model, or pass pool="
@@ -444,9 +447,10 @@ class ElasticCache(Cache):
     max_batch_size: most sequences at once (beam search: batch * num_beams).
     max_cache_len: most tokens per sequence (prompt + generated); only VA is
         reserved for it.
-    pool: the Pool to map chunks from (default: a host pool for CPU models,
-        ellm_alloc's enabled CUDA pool for CUDA ones).
-    budget: the default host pool's budget (default: the cache's worst case).
+    pool: the Pool to map chunks from (default: the pool ellm_alloc.enable()
+        routes the model's device to; for a CPU model without enable(), a host
+        pool of the cache's own).
+    budget: that own host pool's budget (default: the cache's worst case).
     """
 
     def __init__(self, config: Any, max_batch_size: int = 1, max_cache_len: int | None = None, *,
