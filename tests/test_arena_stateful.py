@@ -78,10 +78,11 @@ class ArenaMachine(RuleBasedStateMachine):
 
     blocks = Bundle("blocks")
 
+    device = DEVICE  # the torch entry points reach self.pool through this index
+
     def __init__(self):
         super().__init__()
-        self.pool = Pool("cpu", budget=self.budget, va_size=VA)
-        assert N.lib.ellm_bind_device(DEVICE, self.pool.handle) == 0, N.last_error()
+        self.pool = self.open_pool()
         self.base = self.pool.arena_base
         self.live: dict[int, Blk] = {}
         self.next_tag = 1
@@ -91,6 +92,21 @@ class ArenaMachine(RuleBasedStateMachine):
         # Small-object bookkeeping for the footprint bound (see footprint_chunks).
         self.small_pairs: set[tuple[int, int]] = set()
         self.deferred_small = 0
+
+    def open_pool(self) -> Pool:
+        pool = Pool("cpu", budget=self.budget, va_size=VA)
+        assert N.lib.ellm_bind_device(self.device, pool.handle) == 0, N.last_error()
+        return pool
+
+    def close_pool(self) -> None:
+        """Checks that nothing leaked, then lets the pool go (every live block is freed by now)."""
+        try:
+            self.pool.validate()
+            leaked = self.pool.close()
+            assert leaked == 0, f"{leaked} blocks leaked"
+        finally:
+            N.lib.ellm_bind_device(self.device, None)
+            self.pool.close()
 
     # ---- model helpers ---------------------------------------------------
 
@@ -125,7 +141,7 @@ class ArenaMachine(RuleBasedStateMachine):
     def malloc(self, size, stream, via_torch):
         before = self.pool.stats()
         if via_torch:
-            ptr = N.lib.ellm_malloc(size, DEVICE, stream or None) or 0
+            ptr = N.lib.ellm_malloc(size, self.device, stream or None) or 0
             oom = ptr == 0 and size > 0
             if oom:
                 assert N.last_status() == N.OUT_OF_MEMORY, (N.last_status(), N.last_error())
@@ -171,7 +187,7 @@ class ArenaMachine(RuleBasedStateMachine):
         assert self.mem.intact(blk.ptr, blk.size, tag)
         before = self.pool.stats()
         if via_torch:
-            N.lib.ellm_free(blk.ptr, blk.size, DEVICE, blk.stream or None)
+            N.lib.ellm_free(blk.ptr, blk.size, self.device, blk.stream or None)
         else:
             self.pool.free(blk.ptr, blk.stream)
         after = self.pool.stats()
@@ -217,7 +233,7 @@ class ArenaMachine(RuleBasedStateMachine):
     def free_null(self, via_torch, stream):
         before = self.pool.stats()
         if via_torch:
-            N.lib.ellm_free(None, 0, DEVICE, stream or None)
+            N.lib.ellm_free(None, 0, self.device, stream or None)
         else:
             self.pool.free(0, stream)
         after = self.pool.stats()
@@ -263,12 +279,8 @@ class ArenaMachine(RuleBasedStateMachine):
                 self.pool.release_stream(s)
             for b in self.live.values():
                 self.pool.free(b.ptr, b.stream)
-            self.pool.validate()
-            leaked = self.pool.close()
-            assert leaked == 0, f"{leaked} blocks leaked"
         finally:
-            N.lib.ellm_bind_device(DEVICE, None)
-            self.pool.close()
+            self.close_pool()
 
 
 @pytest.mark.parametrize("budget_mib", [96, 12], ids=["roomy", "tight"])
