@@ -132,3 +132,27 @@ def test_environment_selects_device_and_budget():
     """, env={"ELLM_ALLOC_DEVICE": "cpu", "ELLM_ALLOC_BUDGET": "256MiB"})
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["cpu", str(256 << 20)]
+
+
+def test_bench_cpu_routing_reports_both_allocators_side_by_side():
+    """bench cpu-routing on a small workload: both throughputs, their ratio and the fragmentation."""
+    r = subprocess.run([sys.executable, "-m", "ellm_alloc.bench", "cpu-routing", "--batch", "2", "--prompt-len",
+                        "16", "--new-tokens", "4", "--rounds", "1", "--runs", "1", "--json"],
+                       capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.splitlines()[-1])
+    assert out["tokens_per_s_native"] > 0 and out["tokens_per_s_pool"] > 0
+    assert out["throughput_ratio_pool_to_native"] == pytest.approx(
+        out["tokens_per_s_pool"] / out["tokens_per_s_native"], rel=1e-3)
+    assert out["tokens_identical"]
+    assert out["peak_live_bytes"] > 100 << 20  # the model's weights are in the pool
+    assert 1.0 <= out["fragmentation_peak_mapped_to_live"] < 1.5
+    assert out["torch_mallocs_per_generate"] > 0 and out["invalid_frees"] == 0
+    assert "[2/2] pool allocator" in r.stderr  # progress, one line per worker
+    assert "ratio pool / native" in r.stdout
+
+
+def test_bench_cpu_routing_refuses_bad_parameters():
+    r = subprocess.run([sys.executable, "-m", "ellm_alloc.bench", "cpu-routing", "--batch", "0"],
+                       capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert r.returncode == 2 and "batch must be a positive int" in r.stderr

@@ -1,4 +1,4 @@
-"""python -m ellm_alloc.bench {replay,hotpath,kv,generate,gpu} [--json]
+"""python -m ellm_alloc.bench {replay,hotpath,kv,generate,cpu-routing,gpu} [--json]
 
 replay TRACE   replays an allocation trace through the arena on a host pool and,
                side by side, through models of plain VA-first best fit and of
@@ -10,6 +10,9 @@ kv             a request workload through the KV manager, a max-page-size
 generate       HF generate() on a scaled random-weight model of a preset:
                ElasticCache vs DynamicCache vs StaticCache (peak KV and total
                bytes, tokens/s, largest batch within a KV budget).
+cpu-routing    the same generate() with torch's native CPU allocator and with
+               the pool (enable(device="cpu")), in alternating fresh processes:
+               tokens/s of each and their ratio, fragmentation, malloc calls.
 gpu            (CUDA only) ours vs torch native vs expandable_segments.
 
 With --json the last line printed is one JSON object with every figure.
@@ -182,6 +185,15 @@ def main(argv: list[str] | None = None) -> int:
     gn.add_argument("--no-progress", action="store_true",
                     help="no progress bar on stderr (it is shown only when stderr is a terminal)")
     gn.add_argument("--json", action="store_true")
+    cr = sub.add_parser("cpu-routing", help="generate() with torch's native CPU allocator vs the pool")
+    cr.add_argument("--batch", type=int, default=8)
+    cr.add_argument("--prompt-len", type=int, default=512)
+    cr.add_argument("--new-tokens", type=int, default=128)
+    cr.add_argument("--rounds", type=int, default=2, help="alternating native/pool rounds (a process each)")
+    cr.add_argument("--runs", type=int, default=2, help="timed generate() calls per process, after a warm-up")
+    cr.add_argument("--threads", type=int, help="torch threads (default: torch's default)")
+    cr.add_argument("--budget", default="8GiB", help="the pool's budget (default 8GiB)")
+    cr.add_argument("--json", action="store_true")
     gp = sub.add_parser("gpu", help="GPU tier: ours vs native vs expandable_segments (needs CUDA)")
     gp.add_argument("--out", help="write the report JSON here (e.g. benchmarks/results/gpu_allocator.json)")
     gp.add_argument("--json", action="store_true")
@@ -221,6 +233,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         gen.print_report(r)
+        if args.json:
+            print(json.dumps(r))
+        return 0
+
+    if args.cmd == "cpu-routing":
+        from . import cpu_routing
+
+        try:
+            r = cpu_routing.run(args.batch, args.prompt_len, args.new_tokens, args.rounds, args.runs,
+                                args.threads, args.budget, progress=lambda m: print(m, file=sys.stderr, flush=True))
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        cpu_routing.print_report(r)
         if args.json:
             print(json.dumps(r))
         return 0
