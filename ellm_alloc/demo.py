@@ -8,9 +8,10 @@ prompts with DynamicCache and StaticCache, and prints the pool's figures and
 the three caches' peaks side by side. A timeline of the pool's ledger during
 the ElasticCache run is written as a PNG (default demo_output/timeline.png).
 
-On a GPU machine the pool is torch's allocator (enable()); on CPU it is a
-host pool (memfd-backed, real addresses). The GPU path has never run on a
-GPU in this repository.
+The pool is torch's allocator (enable()): the CUDA allocator on a GPU
+machine, the CPU allocator otherwise (a memfd-backed host pool), so the
+model's weights, its activations and the KV caches share its chunks. The GPU
+path has never run on a GPU in this repository.
 
 `--trace [FILE]` instead replays a shipped allocation trace of HF generate()
 through a host pool and prints its timeline and fragmentation next to a
@@ -70,9 +71,10 @@ def generate_demo(batch: int, prompt_len: int, new_tokens: int, out_dir: Path, f
         ellm_alloc.enable()
         device, dtype, layers = "cuda", torch.bfloat16, 32
         pool = ellm_alloc.device_pool()
-    else:
+    else:  # CPU routing: weights, activations and KV all come from one host pool
+        ellm_alloc.enable(device="cpu", budget="2GiB")
         device, dtype, layers = "cpu", torch.float32, 4
-        pool = ellm_alloc.Pool("cpu", budget="1GiB")
+        pool = ellm_alloc.device_pool()
     cfg = gen.scaled_config("llama3-8b", layers=layers)
     structure = gen.check_kv_structure("llama3-8b", cfg)
     model = gen.build_model(cfg, device, dtype)
@@ -80,7 +82,7 @@ def generate_demo(batch: int, prompt_len: int, new_tokens: int, out_dir: Path, f
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, cfg.vocab_size, (batch, prompt_len), generator=g).to(device)
     mask = torch.ones_like(ids)
-    where = torch.cuda.get_device_name() if cuda else "CPU, host pool"
+    where = torch.cuda.get_device_name() if cuda else "CPU (torch's CPU allocator is the host pool)"
     print(f"Llama-3-8B KV shape, random weights: {structure}, hidden {cfg.hidden_size}, "
           f"{str(dtype).replace('torch.', '')}, on {where}")
     print(f"generate(): batch {batch}, prompt {prompt_len}, {new_tokens} new tokens, max_cache_len {max_len}")
@@ -104,15 +106,13 @@ def generate_demo(batch: int, prompt_len: int, new_tokens: int, out_dir: Path, f
           f"layer, K/V and sequence); StaticCache reserved {human(st['peak_kv_bytes'])} for {max_len} tokens "
           "per sequence.")
     print("  (tokens/s: one cold run each, for orientation only; use `python -m ellm_alloc.bench generate`)")
-    if not cuda:
-        print("  peak total on CPU = parameters + peak KV (activations are not counted without a GPU)")
+    print("  peak total = the arena's peak allocated bytes (weights, activations, Dynamic/Static KV tensors) "
+          "+ ElasticCache's mapped KV")
     out_dir.mkdir(parents=True, exist_ok=True)
     png = out_dir / "timeline.png"
     ellm_alloc.plot_timeline(rec, png, title="ElasticCache generate(): pool chunks by owner")
     print(f"\ntimeline of the pool during the ElasticCache run: {png}")
     pool.validate()
-    if not cuda:
-        pool.close()
     return 0
 
 

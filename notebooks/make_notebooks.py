@@ -30,36 +30,32 @@ from IPython.display import Image, display
 
 QUICKSTART = [
     new_markdown_cell("""\
-# 01 · Quickstart: generate() with ElasticCache on the pool
+# 01 · Quickstart: one pool for weights, activations and KV
 
-On a GPU machine `ellm_alloc.enable()` makes the pool torch's CUDA allocator.
-Here we use a **host pool** (memfd-backed, real addresses, the same pool and
-arena code), so the notebook runs on any CPU. A tiny Llama with random weights
-(no download) generates with `ElasticCache`, whose KV chunks are mapped from
-the pool as the sequences grow, while `ellm_alloc.telemetry.record` samples
-the pool's ledger by owner. (On CPU torch's own tensors come from its CPU
-allocator, so the arena holds nothing here; under `enable()` on a GPU the
-activations would show up as the `arena` owner.)"""),
+`ellm_alloc.enable()` makes the pool torch's allocator: the CUDA allocator on
+a GPU machine, the CPU allocator here (a memfd-backed host pool with real
+addresses, the same pool and arena code). From then on the model's weights
+and activations are `arena` blocks of the pool, and `ElasticCache` maps its KV
+chunks from the same pool as the sequences grow, while
+`ellm_alloc.telemetry.record` samples the pool's ledger by owner. A tiny
+Llama with random weights (no download) does the generating."""),
     new_code_cell(SETUP),
     new_code_cell("""\
+ellm_alloc.enable(budget="2GiB")   # CUDA when torch has a GPU, else CPU; before the model is built
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from ellm_alloc.hf import ElasticCache
 from ellm_alloc.telemetry import record
 
-if torch.cuda.is_available():      # GPU path: never run on a GPU in this repository
-    ellm_alloc.enable()
-    device, pool = "cuda", None
-else:
-    device, pool = "cpu", ellm_alloc.Pool("cpu", budget="512MiB")
-
+device = "cuda" if ellm_alloc.enabled_device() == "cuda" else "cpu"   # GPU path: never run on a GPU here
+pool = ellm_alloc.device_pool()
 torch.manual_seed(0)
 cfg = LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=4, head_dim=64)
 model = LlamaForCausalLM(cfg).to(device).eval()
 ids = torch.randint(3, cfg.vocab_size, (4, 64), device=device)
-cache = ElasticCache(cfg, max_batch_size=4, max_cache_len=4096, pool=pool)
-pool"""),
+cache = ElasticCache(cfg, max_batch_size=4, max_cache_len=4096)   # draws on the same pool
+print(ellm_alloc.memory_summary())   # the weights are already in the arena"""),
     new_code_cell("""\
 with record(pool, cache=cache) as rec:
     with torch.no_grad():
@@ -68,13 +64,13 @@ with record(pool, cache=cache) as rec:
                              logits_processor=[rec.logits_processor()])
 print("generated", tuple(out.shape), "samples", len(rec.samples))
 print("KV mapped", cache.mapped_bytes() >> 20, "MiB for", cache.needed_bytes() >> 10, "KiB of tokens")
-print((cache.pool or ellm_alloc.device_pool()).summary())"""),
+print(ellm_alloc.memory_summary())"""),
     new_code_cell("""\
 fig = ellm_alloc.plot_timeline(rec, "quickstart_timeline.png")
 display(Image("quickstart_timeline.png"))"""),
     new_code_cell("""\
-cache.close()   # every KV chunk goes back to the pool
-print(pool.summary() if pool is not None else ellm_alloc.memory_summary())"""),
+cache.close()   # every KV chunk goes back to the pool, ready for activations or another cache
+print(ellm_alloc.memory_summary())"""),
 ]
 
 FRAGMENTATION = [

@@ -35,12 +35,13 @@ step (after the prefill, then after each decode step):
     tensors at that step. DynamicCache's transient concatenation copy within
     a step is not seen (readings are between steps).
 
-`peak_total_bytes`: on CPU, the model's parameter bytes plus the peak KV
-bytes (torch has no CPU allocator statistics; activations are not counted);
-the growth of the process's RSS during the run is reported beside it as an
-indication. On CUDA (never run on a GPU here): the peak of
-torch.cuda.max_memory_allocated() over the run, plus ElasticCache's peak
-mapped KV bytes, which live outside the arena.
+`peak_total_bytes`: when torch allocates from the pool (ellm_alloc.enable(),
+on CUDA or with CPU routing), the arena's peak allocated bytes over the run
+(weights, activations, and DynamicCache's / StaticCache's tensors) plus
+ElasticCache's peak mapped KV bytes, which live outside the arena. Otherwise
+(a CPU run on a pool of its own) the model's parameter bytes plus the peak
+KV bytes: activations are not counted, and the growth of the process's RSS
+during the run is reported beside it as an indication.
 
 Timing: tokens/s = batch * new tokens / wall time of generate() (prefill
 included); `decode_tokens_per_s` counts decode steps only. An untimed
@@ -258,6 +259,13 @@ def make_cache(kind: str, cfg, batch: int, max_cache_len: int, pool=None):
     raise ValueError(kind)
 
 
+def _torch_allocates_from(pool, device) -> bool:
+    """Whether torch's allocations on `device` come from `pool` (ellm_alloc.enable())."""
+    from ..integrations.torch_allocator import device_pool, enabled_device
+
+    return enabled_device() == device.type and device_pool(device).handle == pool.handle
+
+
 def run_generate(kind: str, model, cfg, ids, mask, new_tokens: int, max_cache_len: int, pool=None,
                  progress: bool = False, recorder=None, label: str = "") -> dict:
     """One generate() with cache `kind`; KV bytes read at every step."""
@@ -288,9 +296,11 @@ def run_generate(kind: str, model, cfg, ids, mask, new_tokens: int, max_cache_le
     procs = LogitsProcessorList([Reader()])
     if recorder is not None:
         procs.append(recorder.logits_processor())
+    routed = pool is not None and _torch_allocates_from(pool, ids.device)
     if cuda:  # GPU-only path: never run on a GPU in this repository
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+    if routed:
+        pool.reset_peaks()
     rss0 = _rss()
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -304,8 +314,8 @@ def run_generate(kind: str, model, cfg, ids, mask, new_tokens: int, max_cache_le
     times = peaks["times"]
     decode = (times[-1] - times[0]) if len(times) > 1 else 0.0
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    if cuda:  # never run on a GPU here
-        total = torch.cuda.max_memory_allocated() + (peaks["kv"] if kind == "elastic" else 0)
+    if routed:
+        total = pool.stats()["allocated_peak"] + (peaks["kv"] if kind == "elastic" else 0)
     else:
         total = weights + peaks["kv"]
     r = {
