@@ -1,7 +1,7 @@
 """Runs the CPU benchmarks and writes their figures, with the conditions, to
 benchmarks/results/cpu_*.json.
 
-    python benchmarks/run_cpu.py [replay] [hotpath] [kv] [kvspecs] [generate]   (default: all)
+    python benchmarks/run_cpu.py [replay] [hotpath] [kv] [kvspecs] [generate] [cpu-routing]   (default: all)
     python benchmarks/run_cpu.py table        # the README's KV table, from the stored results
 
 Every file holds the exact command, the date, the machine (CPU model, cores)
@@ -92,7 +92,7 @@ def main(parts: list[str]) -> None:
     if parts == ["table"]:
         print(kv_table())
         return
-    parts = parts or ["replay", "hotpath", "kv", "generate"]  # kv includes kvspecs
+    parts = parts or ["replay", "hotpath", "kv", "generate", "cpu-routing"]  # kv includes kvspecs
     if "replay" in parts:
         traces = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "benchmarks" / "traces").glob("*.trace"))
         run(["replay", *traces], "replay")
@@ -111,6 +111,10 @@ def main(parts: list[str]) -> None:
             run(["generate", "--model", preset, "--batch", "4", "--prompt-len", "128", "--new-tokens", "64",
                  "--repeats", "7", "--find-max-batch", "--budget", "1GiB"], f"generate_{preset}",
                 env={"OMP_NUM_THREADS": "1"})
+    if "cpu-routing" in parts:
+        # The issue's workload; both torch threads, as a user's process would run it.
+        run(["cpu-routing", "--batch", "8", "--prompt-len", "512", "--new-tokens", "128", "--rounds", "3",
+             "--runs", "2"], "cpu_routing")
 
 
 if __name__ == "__main__":

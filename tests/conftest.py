@@ -160,6 +160,17 @@ def bind():
 
 
 @pytest.fixture(autouse=True)
+def _never_routed_here():
+    """enable() cannot be undone: a test that enabled it in this process would
+    route every later test's tensors. Such checks belong in a fresh process."""
+    yield
+    if not os.environ.get("ELLM_ALLOC_ROUTED_SUITE"):
+        from ellm_alloc import enabled
+
+        assert not enabled(), "this test enabled ellm_alloc in the pytest process"
+
+
+@pytest.fixture(autouse=True)
 def _no_thrower():
     """ctypes callers need ellm_malloc to return NULL on failure, not throw a C++ exception."""
     N.lib.ellm_set_oom_thrower(None)

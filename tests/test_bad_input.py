@@ -268,14 +268,16 @@ def test_explicit_argument_wins_over_environment(monkeypatch):
 # ---- enable() on this CPU build of torch ----------------------------------------------
 
 
-def test_enable_on_cpu_torch_raises_enable_error():
-    """ellm_alloc.enable() on a CPU-only torch raises EnableError naming the CPU build."""
+def test_enable_cuda_on_cpu_torch_raises_enable_error():
+    """enable(device='cuda') on a CPU-only torch raises EnableError naming the CPU build.
+    (enable() itself would route this process's CPU tensors: tests/test_cpu_routing.py
+    runs that in fresh processes.)"""
     import torch
 
     if torch.backends.cuda.is_built():
         pytest.skip("this torch has CUDA; tests/gpu covers enable()")
     with pytest.raises(EnableError, match="CPU build"):
-        ellm_alloc.enable(budget="1GiB")
+        ellm_alloc.enable(device="cuda", budget="1GiB")
     assert not ellm_alloc.enabled()
 
 

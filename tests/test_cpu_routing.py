@@ -156,3 +156,36 @@ def test_bench_cpu_routing_refuses_bad_parameters():
     r = subprocess.run([sys.executable, "-m", "ellm_alloc.bench", "cpu-routing", "--batch", "0"],
                        capture_output=True, text=True, timeout=120, cwd=REPO)
     assert r.returncode == 2 and "batch must be a positive int" in r.stderr
+
+
+def test_figures_telemetry_and_top_use_the_enabled_cpu_pool():
+    """memory_stats / memory_summary / empty_cache, telemetry's default pool and `top` after enable(device='cpu')."""
+    r = run_python("""
+        import io, json, torch, ellm_alloc
+        from ellm_alloc.telemetry import record
+        from ellm_alloc.__main__ import run_top
+        ellm_alloc.enable(device="cpu", budget="1GiB")
+        with record(nvml=False, events=False) as rec:
+            x = torch.zeros(8 << 20, dtype=torch.uint8)
+            rec.sample("after x")
+        del x
+        cached = ellm_alloc.memory_stats()["reserved_bytes.all.current"]
+        ellm_alloc.empty_cache()
+        out = io.StringIO()
+        run_top(ellm_alloc.device_pool(), once=True, out=out)
+        print(json.dumps({
+            "arena_in_sample": rec.samples[-2]["owners"].get("arena", 0),
+            "budget_in_sample": rec.samples[-1]["budget"],
+            "reserved_before_empty": cached,
+            "reserved_after_empty": ellm_alloc.memory_stats()["reserved_bytes.all.current"],
+            "top": out.getvalue(),
+            "summary": ellm_alloc.memory_summary(),
+            "same_pool": ellm_alloc.device_pool() is ellm_alloc.device_pool("cpu"),
+        }))
+    """)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.splitlines()[-1])
+    assert out["arena_in_sample"] >= 8 << 20 and out["budget_in_sample"] == 1 << 30
+    assert out["reserved_before_empty"] >= 8 << 20 > out["reserved_after_empty"]
+    assert "pool host:0" in out["top"] and "arena" in out["top"]
+    assert out["summary"].startswith("ellm_alloc pool cpu:0") and out["same_pool"]
