@@ -283,18 +283,23 @@ class ArenaMachine(RuleBasedStateMachine):
             self.close_pool()
 
 
-@pytest.mark.parametrize("budget_mib", [96, 12], ids=["roomy", "tight"])
-def test_arena_state_machine(mem, budget_mib):
-    """Random malloc/free/record_stream/empty_cache/stream traffic keeps every arena invariant,
-    with room to spare (placement and stream rules) and with a budget that forces OOM paths."""
-    ArenaMachine.mem = mem
-    ArenaMachine.budget = budget_mib * MiB
+def run_arena_machine(machine: type[ArenaMachine], mem, budget_mib: int, examples: int) -> None:
+    """Runs `machine` with budget_mib MiB (ELLM_STATEFUL_EXAMPLES overrides the example count)."""
+    machine.mem = mem
+    machine.budget = budget_mib * MiB
     run_state_machine_as_test(
-        ArenaMachine,
+        machine,
         settings=settings(
-            max_examples=int(os.environ.get("ELLM_STATEFUL_EXAMPLES", 200)),
+            max_examples=int(os.environ.get("ELLM_STATEFUL_EXAMPLES", examples)),
             stateful_step_count=40,
             deadline=None,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
         ),
     )
+
+
+@pytest.mark.parametrize("budget_mib", [96, 12], ids=["roomy", "tight"])
+def test_arena_state_machine(mem, budget_mib):
+    """Random malloc/free/record_stream/empty_cache/stream traffic keeps every arena invariant,
+    with room to spare (placement and stream rules) and with a budget that forces OOM paths."""
+    run_arena_machine(ArenaMachine, mem, budget_mib, examples=200)

@@ -7,18 +7,12 @@ stream rule, no spurious OOM) now also covers memory torch allocated.
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-from hypothesis import HealthCheck, settings
-from hypothesis import strategies as st
-from hypothesis.stateful import Bundle, consumes, multiple, rule, run_state_machine_as_test
-from test_arena_stateful import SIZES, ArenaMachine, Blk
+from hypothesis.stateful import Bundle, consumes, multiple, rule
+from test_arena_stateful import SIZES, ArenaMachine, Blk, run_arena_machine
 
 import ellm_alloc
-
-MiB = 1 << 20
 
 
 class RoutedArenaMachine(ArenaMachine):
@@ -82,14 +76,4 @@ class RoutedArenaMachine(ArenaMachine):
 
 @pytest.mark.parametrize("budget_mib", [96, 12], ids=["roomy", "tight"])
 def test_arena_state_machine_with_torch_tensors(mem, budget_mib):
-    RoutedArenaMachine.mem = mem
-    RoutedArenaMachine.budget = budget_mib * MiB
-    run_state_machine_as_test(
-        RoutedArenaMachine,
-        settings=settings(
-            max_examples=int(os.environ.get("ELLM_STATEFUL_EXAMPLES", 150)),
-            stateful_step_count=40,
-            deadline=None,
-            suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-        ),
-    )
+    run_arena_machine(RoutedArenaMachine, mem, budget_mib, examples=150)
