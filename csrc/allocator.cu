@@ -54,6 +54,40 @@ void clear_error() {
   t_error.clear();
 }
 
+// No C++ exception may cross the C ABI: each entry point that can throw
+// (allocation of bookkeeping, mostly) runs its body through guard(), which
+// turns an exception into a status and a message and returns `on_error`.
+template <class F, class R>
+R guard(const char* what, R on_error, F&& body) {
+  try {
+    return body();
+  } catch (const std::bad_alloc&) {
+    fail(kOutOfMemory, std::string(what) + ": out of host memory for the allocator's bookkeeping");
+  } catch (const std::exception& e) {
+    fail(kBackendError, std::string(what) + ": " + e.what());
+  } catch (...) {
+    fail(kBackendError, std::string(what) + ": unknown C++ exception");
+  }
+  return on_error;
+}
+
+// Argument checks of the C ABI, each setting the error when it fails.
+bool check_pool(const ellm_pool* pool, const char* what) {
+  if (pool) return true;
+  fail(kInvalidArgument, std::string(what) + ": NULL pool handle");
+  return false;
+}
+bool check_space(const ellm_kv_space* space, const char* what) {
+  if (space) return true;
+  fail(kInvalidArgument, std::string(what) + ": NULL KV space handle");
+  return false;
+}
+bool check_owner(ellm_pool* pool, int owner, const char* what) {
+  if (pool->pool->is_active_owner(owner)) return true;
+  fail(kInvalidArgument, std::string(what) + ": no active owner " + std::to_string(owner));
+  return false;
+}
+
 // After fork() the child cannot use the parent's CUDA context, and its copy
 // of a host pool's ledger describes chunks that belong to the parent: every
 // entry point becomes inert there (malloc fails with kForkedChild, free does
@@ -146,6 +180,8 @@ int create_pool(const char* backend, int device, size_t budget_bytes, double fra
 // ---- the torch-facing registry ----
 
 constexpr int kMaxDevices = 64;
+// A KV space's pages: 2^24 pages of 2 MiB = 32 TiB of VA, beyond any device.
+constexpr size_t kMaxKvPages = size_t(1) << 24;
 struct Config {
   std::string backend = "cuda";
   size_t budget_bytes = 0;
@@ -204,6 +240,9 @@ const char* status_name(int s) {
 
 }  // namespace
 
+static void pool_stats(ellm_pool* pool, ellm_stats* out);
+static int owner_stats(ellm_pool* pool, int owner, ellm_owner_stats* out);
+
 extern "C" {
 
 const char* ellm_last_error(void) { return t_error.c_str(); }
@@ -227,9 +266,11 @@ ellm_pool* ellm_pool_create(const char* backend, int device, size_t budget_bytes
                             double budget_fraction, size_t chunk_bytes, size_t va_bytes,
                             size_t prealloc_bytes) {
   clear_error();
-  ellm_pool* p = nullptr;
-  create_pool(backend, device, budget_bytes, budget_fraction, chunk_bytes, va_bytes, prealloc_bytes, &p);
-  return p;
+  return guard("pool creation", static_cast<ellm_pool*>(nullptr), [&] {
+    ellm_pool* p = nullptr;
+    create_pool(backend, device, budget_bytes, budget_fraction, chunk_bytes, va_bytes, prealloc_bytes, &p);
+    return p;
+  });
 }
 
 int64_t ellm_pool_destroy(ellm_pool* pool) {
@@ -249,9 +290,14 @@ void* ellm_pool_malloc(ellm_pool* pool, size_t size, uintptr_t stream) {
     fail(kForkedChild, "ellm_alloc cannot allocate in a forked child process");
     return nullptr;
   }
-  if (size == 0) return nullptr;
+  if (size == 0 || !check_pool(pool, "malloc")) return nullptr;
   void* out = nullptr;
-  int r = pool->arena->malloc(size, stream, &out);
+  int r;
+  try {  // zero cost unless thrown; only the arena's bookkeeping can throw
+    r = pool->arena->malloc(size, stream, &out);
+  } catch (const std::bad_alloc&) {
+    r = kOutOfMemory;
+  }
   if (r != kOk) {
     fail(r, std::string(r == kOutOfMemory ? "out of memory" : status_name(r)) +
                 ": tried to allocate " + human(size) + "; " + describe_pool(pool));
@@ -262,7 +308,8 @@ void* ellm_pool_malloc(ellm_pool* pool, size_t size, uintptr_t stream) {
 
 int ellm_pool_free(ellm_pool* pool, void* ptr, uintptr_t stream) {
   if (g_forked.load(std::memory_order_relaxed) || ptr == nullptr) return kOk;
-  int r = pool->arena->free(ptr, stream);
+  if (!check_pool(pool, "free")) return kInvalidArgument;
+  int r = guard("free", int(kBackendError), [&] { return pool->arena->free(ptr, stream); });
   if (r != kOk) {
     char buf[64];
     snprintf(buf, sizeof buf, "%p", ptr);
@@ -272,13 +319,24 @@ int ellm_pool_free(ellm_pool* pool, void* ptr, uintptr_t stream) {
 }
 
 int ellm_pool_record_stream(ellm_pool* pool, void* ptr, uintptr_t stream) {
-  int r = pool->arena->record_stream(ptr, stream);
+  if (!check_pool(pool, "record_stream")) return kInvalidArgument;
+  int r = guard("record_stream", int(kBackendError), [&] { return pool->arena->record_stream(ptr, stream); });
   return r == kOk ? kOk : fail(r, std::string("record_stream: ") + status_name(r));
 }
 
-size_t ellm_pool_empty_cache(ellm_pool* pool) { return pool->arena->empty_cache(); }
+size_t ellm_pool_empty_cache(ellm_pool* pool) {
+  if (!check_pool(pool, "empty_cache")) return 0;
+  return guard("empty_cache", size_t(0), [&] { return pool->arena->empty_cache(); });
+}
 
 void ellm_pool_stats(ellm_pool* pool, ellm_stats* out) {
+  if (!check_pool(pool, "stats") || !out) return;
+  guard("stats", 0, [&] { pool_stats(pool, out); return 0; });
+}
+
+}  // extern "C"
+
+static void pool_stats(ellm_pool* pool, ellm_stats* out) {
   ArenaStats a = pool->arena->stats();
   ChunkPool::Snapshot s = pool->pool->snapshot();
   *out = ellm_stats{a.allocated_bytes, a.allocated_peak, a.active_bytes, a.active_peak,
@@ -289,7 +347,17 @@ void ellm_pool_stats(ellm_pool* pool, ellm_stats* out) {
                     s.creates, s.reclaim_calls, s.failed_acquires, s.owners.size()};
 }
 
+extern "C" {
+
 int ellm_pool_owner_stats(ellm_pool* pool, int owner, ellm_owner_stats* out) {
+  if (!check_pool(pool, "owner_stats")) return kInvalidArgument;
+  if (!out) return fail(kInvalidArgument, "owner_stats: NULL output");
+  return guard("owner_stats", int(kOutOfMemory), [&] { return owner_stats(pool, owner, out); });
+}
+
+}  // extern "C"
+
+static int owner_stats(ellm_pool* pool, int owner, ellm_owner_stats* out) {
   ChunkPool::Snapshot s = pool->pool->snapshot();
   if (owner < 0 || owner >= static_cast<int>(s.owners.size()))
     return fail(kInvalidArgument, "no owner " + std::to_string(owner));
@@ -305,59 +373,104 @@ int ellm_pool_owner_stats(ellm_pool* pool, int owner, ellm_owner_stats* out) {
   return kOk;
 }
 
-void ellm_pool_reset_peaks(ellm_pool* pool) { pool->arena->reset_peaks(); }
+extern "C" {
 
-void ellm_pool_set_budget(ellm_pool* pool, size_t budget_bytes) {
-  pool->budget_bytes = budget_bytes;
-  pool->pool->set_budget(budget_bytes);
+void ellm_pool_reset_peaks(ellm_pool* pool) {
+  if (check_pool(pool, "reset_peaks")) pool->arena->reset_peaks();
+}
+
+int ellm_pool_set_budget(ellm_pool* pool, size_t budget_bytes) {
+  if (!check_pool(pool, "set_budget")) return kInvalidArgument;
+  size_t chunk = pool->pool->chunk_bytes();
+  if (budget_bytes < chunk)
+    return fail(kInvalidArgument, "budget " + human(budget_bytes) + " is smaller than one chunk (" + human(chunk) + ")");
+  if (pool->pool->set_budget(budget_bytes) != kOk)
+    return fail(kInvalidArgument, "budget " + human(budget_bytes) + " is below the " +
+                                      std::to_string(pool->pool->held_chunks()) + " chunks owners hold (" +
+                                      human(pool->pool->held_chunks() * chunk) + "); free memory first");
+  pool->budget_bytes = budget_bytes / chunk * chunk;
+  return kOk;
 }
 
 int ellm_pool_validate(ellm_pool* pool, char* msg, size_t msg_len) {
-  std::string v = pool->arena->validate();
-  if (msg && msg_len) snprintf(msg, msg_len, "%s", v.c_str());
-  return v.empty() ? kOk : kInvalidArgument;
+  if (!check_pool(pool, "validate")) return kInvalidArgument;
+  return guard("validate", int(kOutOfMemory), [&] {
+    std::string v = pool->arena->validate();
+    if (msg && msg_len) snprintf(msg, msg_len, "%s", v.c_str());
+    return v.empty() ? int(kOk) : int(kInvalidArgument);
+  });
 }
 
-const char* ellm_pool_backend(ellm_pool* pool) { return pool->backend->name(); }
-int ellm_pool_device(ellm_pool* pool) { return pool->backend->device(); }
-uintptr_t ellm_pool_arena_base(ellm_pool* pool) { return pool->arena->base(); }
+const char* ellm_pool_backend(ellm_pool* pool) { return pool ? pool->backend->name() : ""; }
+int ellm_pool_device(ellm_pool* pool) { return pool ? pool->backend->device() : -1; }
+uintptr_t ellm_pool_arena_base(ellm_pool* pool) { return pool ? pool->arena->base() : 0; }
 
 int ellm_pool_register_owner(ellm_pool* pool, const char* name, ellm_reclaim_fn fn, void* ctx) {
-  return pool->pool->register_owner(name, fn, ctx);
+  if (!check_pool(pool, "register_owner")) return -kInvalidArgument;
+  return guard("register_owner", -int(kOutOfMemory), [&] { return pool->pool->register_owner(name, fn, ctx); });
 }
 int ellm_pool_unregister_owner(ellm_pool* pool, int owner) {
+  if (!check_pool(pool, "unregister_owner") || !check_owner(pool, owner, "unregister_owner"))
+    return kInvalidArgument;
   int r = pool->pool->unregister_owner(owner);
   return r == kOk ? kOk : fail(r, "owner still holds chunks; release them first");
 }
 int ellm_pool_acquire(ellm_pool* pool, int owner, size_t n, uint32_t* ids) {
-  int r = pool->pool->acquire(owner, n, ids);
-  return r == kOk ? kOk
-                  : fail(r, "out of memory: cannot acquire " + std::to_string(n) + " chunks; " +
-                                describe_pool(pool));
+  if (!check_pool(pool, "acquire") || !check_owner(pool, owner, "acquire")) return kInvalidArgument;
+  if (n > 0 && !ids) return fail(kInvalidArgument, "acquire: NULL id array");
+  return guard("acquire", int(kOutOfMemory), [&] {
+    int r = pool->pool->acquire(owner, n, ids);
+    return r == kOk ? int(kOk)
+                    : fail(r, "out of memory: cannot acquire " + std::to_string(n) + " chunks; " +
+                                  describe_pool(pool));
+  });
 }
-void ellm_pool_release(ellm_pool* pool, int owner, size_t n, const uint32_t* ids) {
-  pool->pool->release(owner, n, ids);
+int ellm_pool_release(ellm_pool* pool, int owner, size_t n, const uint32_t* ids) {
+  if (!check_pool(pool, "release")) return kInvalidArgument;
+  if (n > 0 && !ids) return fail(kInvalidArgument, "release: NULL id array");
+  std::string why;
+  int r = pool->pool->release_checked(owner, n, ids, &why);
+  return r == kOk ? kOk : fail(r, "release: " + why + "; nothing was released");
 }
-uint64_t ellm_pool_chunk_handle(ellm_pool* pool, uint32_t id) { return pool->pool->handle(id); }
+uint64_t ellm_pool_chunk_handle(ellm_pool* pool, uint32_t id) {
+  if (!check_pool(pool, "chunk_handle")) return 0;
+  if (!pool->pool->chunk_exists(id)) {
+    fail(kInvalidArgument, "chunk_handle: chunk " + std::to_string(id) + " does not exist");
+    return 0;
+  }
+  clear_error();
+  return pool->pool->handle(id);
+}
 
-void ellm_pool_set_headroom(ellm_pool* pool, int owner, size_t bytes) {
-  pool->pool->set_headroom(owner, (bytes + pool->pool->chunk_bytes() - 1) / pool->pool->chunk_bytes());
+int ellm_pool_set_headroom(ellm_pool* pool, int owner, size_t bytes) {
+  if (!check_pool(pool, "set_headroom") || !check_owner(pool, owner, "set_headroom")) return kInvalidArgument;
+  size_t chunk = pool->pool->chunk_bytes();
+  pool->pool->set_headroom(owner, bytes / chunk + (bytes % chunk != 0));
+  return kOk;
 }
 
-size_t ellm_pool_available_chunks(ellm_pool* pool, int owner) { return pool->pool->available(owner); }
+size_t ellm_pool_available_chunks(ellm_pool* pool, int owner) {
+  if (!check_pool(pool, "available_chunks") || !check_owner(pool, owner, "available_chunks")) return 0;
+  return pool->pool->available(owner);
+}
 
 ellm_kv_space* ellm_kv_create(ellm_pool* pool, const char* name, size_t n_pages) {
   clear_error();
-  if (n_pages == 0) {
-    fail(kInvalidArgument, "a KV space needs at least one page");
+  if (!check_pool(pool, "KV space creation")) return nullptr;
+  size_t chunk = pool->pool->chunk_bytes();
+  if (n_pages == 0 || n_pages > kMaxKvPages) {
+    fail(kInvalidArgument, "a KV space has 1 to " + std::to_string(kMaxKvPages) + " pages, asked for " +
+                               std::to_string(n_pages));
     return nullptr;
   }
-  auto s = std::make_unique<KvSpace>(pool->pool.get(), name ? name : "kv", n_pages);
-  if (!s->ok()) {
-    fail(kOutOfMemory, "cannot reserve " + human(pool->pool->chunk_bytes() * n_pages) + " of VA for a KV space");
-    return nullptr;
-  }
-  return new ellm_kv_space{std::move(s)};
+  return guard("KV space creation", static_cast<ellm_kv_space*>(nullptr), [&]() -> ellm_kv_space* {
+    auto s = std::make_unique<KvSpace>(pool->pool.get(), name ? name : "kv", n_pages);
+    if (!s->ok()) {
+      fail(kOutOfMemory, "cannot reserve " + human(chunk * n_pages) + " of VA for a KV space");
+      return nullptr;
+    }
+    return new ellm_kv_space{std::move(s)};
+  });
 }
 int64_t ellm_kv_destroy(ellm_kv_space* space) {
   if (!space) return 0;
@@ -365,42 +478,53 @@ int64_t ellm_kv_destroy(ellm_kv_space* space) {
   delete space;
   return n;
 }
-uintptr_t ellm_kv_base(ellm_kv_space* space) { return space->space->base(); }
-int ellm_kv_owner(ellm_kv_space* space) { return space->space->owner(); }
+uintptr_t ellm_kv_base(ellm_kv_space* space) { return check_space(space, "kv_base") ? space->space->base() : 0; }
+int ellm_kv_owner(ellm_kv_space* space) { return check_space(space, "kv_owner") ? space->space->owner() : -1; }
 int ellm_kv_map(ellm_kv_space* space, uint32_t first, uint32_t count) {
-  int r = space->space->map_pages(first, count);
+  if (!check_space(space, "kv_map")) return kInvalidArgument;
+  int r = guard("KV map", int(kOutOfMemory), [&] { return space->space->map_pages(first, count); });
   std::string what = "KV page" + (count == 1 ? " " + std::to_string(first)
                                              : "s " + std::to_string(first) + "-" + std::to_string(first + count - 1));
   if (r == kOutOfMemory) return fail(r, "out of memory: cannot map " + what);
   return r == kOk ? kOk : fail(r, "KV map of " + what + ": " + status_name(r));
 }
 int ellm_kv_unmap(ellm_kv_space* space, uint32_t page, uintptr_t stream) {
+  if (!check_space(space, "kv_unmap")) return -kInvalidArgument;
   int r = space->space->unmap_page(page, stream);
   if (r < 0) fail(-r, "KV unmap of page " + std::to_string(page) + ": page is not mapped");
   return r;
 }
 int ellm_kv_set_reclaimable(ellm_kv_space* space, uint32_t page, uint32_t priority, uintptr_t stream) {
-  int r = space->space->set_reclaimable(page, priority, stream);
+  if (!check_space(space, "kv_set_reclaimable")) return -kInvalidArgument;
+  int r = guard("KV set_reclaimable", -int(kOutOfMemory),
+                [&] { return space->space->set_reclaimable(page, priority, stream); });
   if (r < 0) fail(-r, "KV page " + std::to_string(page) + " is not mapped");
   return r;
 }
 int ellm_kv_pin(ellm_kv_space* space, uint32_t page) {
+  if (!check_space(space, "kv_pin")) return -kInvalidArgument;
   int r = space->space->pin(page);
   if (r < 0) fail(-r, "KV page " + std::to_string(page) + " out of range");
   return r;
 }
-int ellm_kv_state(ellm_kv_space* space, uint32_t page) { return space->space->state(page); }
+int ellm_kv_state(ellm_kv_space* space, uint32_t page) {
+  return check_space(space, "kv_state") ? space->space->state(page) : -kInvalidArgument;
+}
 size_t ellm_kv_take_reclaimed(ellm_kv_space* space, uint32_t* pages, size_t cap) {
+  if (!check_space(space, "kv_take_reclaimed") || (cap > 0 && !pages)) return 0;
   return space->space->take_reclaimed(pages, cap);
 }
-size_t ellm_kv_reclaim(ellm_kv_space* space, size_t want_chunks) { return space->space->reclaim(want_chunks); }
+size_t ellm_kv_reclaim(ellm_kv_space* space, size_t want_chunks) {
+  return check_space(space, "kv_reclaim") ? space->space->reclaim(want_chunks) : 0;
+}
 void ellm_kv_get_stats(ellm_kv_space* space, ellm_kv_stats* out) {
+  if (!check_space(space, "kv_stats") || !out) return;
   KvSpace::Stats s = space->space->stats();
   *out = ellm_kv_stats{s.mapped_pages, s.reclaimable_pages, s.maps, s.unmaps, s.reclaimed_pages};
 }
 
 static HostBackend* host_of(ellm_pool* pool) {
-  return dynamic_cast<HostBackend*>(pool->backend.get());
+  return pool ? dynamic_cast<HostBackend*>(pool->backend.get()) : nullptr;
 }
 int ellm_host_hold_stream(ellm_pool* pool, uintptr_t stream) {
   HostBackend* h = host_of(pool);
@@ -530,6 +654,12 @@ void ellm_record_stream(void* ptr, void* stream) {
 
 void* ellm_dlpack_view(ellm_pool* pool, uintptr_t addr, uint64_t nbytes) {
   clear_error();
+  if (!check_pool(pool, "dlpack_view")) return nullptr;
+  if (nbytes == 0 || nbytes > static_cast<uint64_t>(INT64_MAX) || addr > UINTPTR_MAX - nbytes) {
+    fail(kInvalidArgument, "dlpack_view: " + std::to_string(nbytes) + " bytes at " + std::to_string(addr) +
+                               " is not a valid range (1 to 2^63-1 bytes, not wrapping the address space)");
+    return nullptr;
+  }
   bool host = std::strcmp(pool->backend->name(), "host") == 0;
   DLManagedTensor* t = make_byte_view(addr, nbytes, host ? kDLCPU : kDLCUDA, pool->backend->device());
   if (!t) fail(kOutOfMemory, "cannot allocate a DLPack descriptor");

@@ -106,6 +106,7 @@ class Arena {
   // ---- fast paths ------------------------------------------------------
 
   int malloc(size_t size, StreamId stream, void** out) {
+    if (size > va_bytes_) return kOutOfMemory;  // cannot fit; and round_up() would wrap near SIZE_MAX
     size_t rs = round_up(size);
     std::lock_guard<std::mutex> g(mu_);
     uint32_t si = stream_index(stream);

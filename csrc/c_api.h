@@ -7,6 +7,11 @@
 //  * everyone else (Python via ctypes, the KV manager, tests, benchmarks):
 //    explicit ellm_pool handles. Calls return a status (0 = ok) and leave a
 //    message for ellm_last_error() in the calling thread.
+// Every entry point checks its arguments (NULL handles, owners, chunk ids,
+// sizes) and no C++ exception crosses this ABI, with one deliberate
+// exception: ellm_malloc's out-of-memory thrower, which torch expects.
+// Sizes: an allocation above the arena's VA fails as out of memory; a KV
+// space has at most 2^24 pages.
 #pragma once
 
 #include <stddef.h>
@@ -63,7 +68,8 @@ size_t ellm_pool_empty_cache(ellm_pool* pool);
 void ellm_pool_stats(ellm_pool* pool, ellm_stats* out);
 int ellm_pool_owner_stats(ellm_pool* pool, int owner, ellm_owner_stats* out);
 void ellm_pool_reset_peaks(ellm_pool* pool);
-void ellm_pool_set_budget(ellm_pool* pool, size_t budget_bytes);
+// Below the chunks created, free ones are destroyed; below those owners hold: refused.
+int ellm_pool_set_budget(ellm_pool* pool, size_t budget_bytes);
 // Writes "" when every invariant holds, else the first violation.
 int ellm_pool_validate(ellm_pool* pool, char* msg, size_t msg_len);
 const char* ellm_pool_backend(ellm_pool* pool);
@@ -74,11 +80,12 @@ uintptr_t ellm_pool_arena_base(ellm_pool* pool);
 int ellm_pool_register_owner(ellm_pool* pool, const char* name, ellm_reclaim_fn fn, void* ctx);
 int ellm_pool_unregister_owner(ellm_pool* pool, int owner);
 int ellm_pool_acquire(ellm_pool* pool, int owner, size_t n, uint32_t* ids);
-void ellm_pool_release(ellm_pool* pool, int owner, size_t n, const uint32_t* ids);
-uint64_t ellm_pool_chunk_handle(ellm_pool* pool, uint32_t id);
+// All or nothing: every id must be a chunk `owner` holds, listed once.
+int ellm_pool_release(ellm_pool* pool, int owner, size_t n, const uint32_t* ids);
+uint64_t ellm_pool_chunk_handle(ellm_pool* pool, uint32_t id);  // 0 + error for an unknown id
 
 // Keeps `bytes` of the budget for `owner` (the arena: owner 0) alone.
-void ellm_pool_set_headroom(ellm_pool* pool, int owner, size_t bytes);
+int ellm_pool_set_headroom(ellm_pool* pool, int owner, size_t bytes);
 // Chunks `owner` could take now without reclaiming from anyone.
 size_t ellm_pool_available_chunks(ellm_pool* pool, int owner);
 

@@ -14,9 +14,22 @@
 // must not block on their own lock (they try_lock and give nothing if busy),
 // so two owners reclaiming from each other cannot deadlock. Nothing here ever
 // calls into Python.
+//
+// Owner lifetime: an owner (a KV space, the arena) is destroyed right after
+// unregister_owner() returns, so no callback may run on it after that. Every
+// callback call is counted in the owner's `in_flight` under the pool lock
+// before the lock is dropped; unregister_owner() clears the hook (no new call
+// can start) and then waits until in_flight is 0. An owner may hold its own
+// lock while unregistering: its callback only try_locks it, gives nothing and
+// returns, so the wait ends.
+//
+// Misuse through the C API (unknown owners, chunk ids out of range or held by
+// another owner, a budget below the chunks in use) is refused with
+// kInvalidArgument before anything changes: the ledger stays balanced.
 #pragma once
 
 #include <algorithm>
+#include <condition_variable>
 #include <cstring>
 #include <mutex>
 #include <string>
@@ -61,23 +74,31 @@ class ChunkPool {
     std::lock_guard<std::mutex> g(mu_);
     owners_.push_back({});
     OwnerStats& o = owners_.back();
-    o.name = name;
+    o.name = name ? name : "";
     o.active = true;
     hooks_.push_back({fn, ctx});
+    in_flight_.push_back(0);
     return static_cast<int>(owners_.size() - 1);
   }
-  // An owner leaves only after giving every chunk back.
-  int unregister_owner(int owner) {
+  bool is_active_owner(int owner) {
     std::lock_guard<std::mutex> g(mu_);
-    if (owners_[owner].held != 0) return kInvalidArgument;
+    return active_locked(owner);
+  }
+
+  // An owner leaves only after giving every chunk back; see "Owner lifetime".
+  int unregister_owner(int owner) {
+    std::unique_lock<std::mutex> g(mu_);
+    if (!active_locked(owner) || owners_[owner].held != 0) return kInvalidArgument;
     owners_[owner].active = false;
     hooks_[owner] = {nullptr, nullptr};
+    callbacks_done_.wait(g, [&] { return in_flight_[owner] == 0; });
     return kOk;
   }
 
   // All or nothing: fills `out` with n chunk ids owned by `owner`, or takes
   // none and returns kOutOfMemory.
   int acquire(int owner, size_t n, ChunkId* out) {
+    if (!is_active_owner(owner)) return kInvalidArgument;
     size_t short_by = 0;
     for (int round = 0;; ++round) {
       {
@@ -117,54 +138,85 @@ class ChunkPool {
 
   void release(int owner, size_t n, const ChunkId* ids) {
     std::lock_guard<std::mutex> g(mu_);
-    for (size_t i = 0; i < n; ++i) {
-      Chunk& c = chunks_[ids[i]];
-      c.owner = kNoOwner;
-      c.last_owner = owner;
-      free_.push_back(ids[i]);
+    release_locked(owner, n, ids);
+  }
+
+  // release() for callers that are not trusted (the C API): every id must be
+  // a created chunk held by `owner`, listed once; otherwise nothing changes.
+  int release_checked(int owner, size_t n, const ChunkId* ids, std::string* why) {
+    std::lock_guard<std::mutex> g(mu_);
+    if (!active_locked(owner)) return *why = "no active owner " + std::to_string(owner), kInvalidArgument;
+    size_t i = 0;
+    for (; i < n; ++i) {
+      if (ids[i] >= chunks_.size() || !chunks_[ids[i]].created) {
+        *why = "chunk " + std::to_string(ids[i]) + " does not exist";
+        break;
+      }
+      if (chunks_[ids[i]].owner != owner) {  // another owner's, free, or listed twice
+        *why = "chunk " + std::to_string(ids[i]) + " is not held by owner " + std::to_string(owner) +
+               (chunks_[ids[i]].owner == kReleasing ? " (listed twice)" : "");
+        break;
+      }
+      chunks_[ids[i]].owner = kReleasing;
     }
-    owners_[owner].held -= n;
+    for (size_t j = 0; j < i; ++j) chunks_[ids[j]].owner = owner;  // checked: undo the marks
+    if (i < n) return kInvalidArgument;
+    release_locked(owner, n, ids);
+    return kOk;
   }
 
   ChunkHandle handle(ChunkId id) const { return chunks_[id].handle; }  // stable once created
+  bool chunk_exists(ChunkId id) {
+    std::lock_guard<std::mutex> g(mu_);
+    return id < chunks_.size() && chunks_[id].created;
+  }
 
   // Destroys free chunks beyond `keep`, giving the memory back to the device.
   size_t trim(size_t keep) {
     std::lock_guard<std::mutex> g(mu_);
-    size_t n = 0;
-    while (free_.size() > keep) {
-      Chunk& c = chunks_[free_.back()];
-      free_.pop_back();
-      be_->destroy_chunk(c.handle, chunk_bytes_);
-      c.created = false;
-      dead_.push_back(static_cast<ChunkId>(&c - chunks_.data()));
-      --created_;
-      ++n;
-    }
-    return n;
+    return trim_locked(keep);
   }
 
-  void set_budget(size_t bytes) {
+  // A budget below the chunks created is met by destroying free chunks; one
+  // below the chunks owners hold is refused (they are in use).
+  int set_budget(size_t bytes) {
     std::lock_guard<std::mutex> g(mu_);
-    budget_chunks_ = bytes / chunk_bytes_;
+    size_t want = bytes / chunk_bytes_, held = created_ - free_.size();
+    if (want < held) return kInvalidArgument;
+    if (want < created_) trim_locked(want - held);
+    budget_chunks_ = want;
+    return kOk;
+  }
+  size_t held_chunks() {
+    std::lock_guard<std::mutex> g(mu_);
+    return created_ - free_.size();
   }
 
-  // Asks other owners (not `owner`) for up to `want` chunks.
+  // Asks other owners (not `owner`) for up to `want` chunks. A hook is
+  // called only while counted in in_flight_ (see "Owner lifetime").
   size_t reclaim_from_others(int owner, size_t want) {
-    std::vector<std::pair<int, Hook>> hooks;
+    std::vector<int> others;
     {
       std::lock_guard<std::mutex> g(mu_);
       for (size_t i = 0; i < hooks_.size(); ++i)
-        if (static_cast<int>(i) != owner && hooks_[i].fn) hooks.push_back({static_cast<int>(i), hooks_[i]});
+        if (static_cast<int>(i) != owner && hooks_[i].fn) others.push_back(static_cast<int>(i));
       ++reclaim_calls_;
     }
     size_t got = 0;
-    for (auto& [id, h] : hooks) {
+    for (int id : others) {
       if (got >= want) break;
+      Hook h;
+      {
+        std::lock_guard<std::mutex> g(mu_);
+        h = hooks_[id];
+        if (!h.fn) continue;  // unregistered since the list was made
+        ++in_flight_[id];
+      }
       size_t n = h.fn(h.ctx, want - got);
       got += n;
       std::lock_guard<std::mutex> g(mu_);
       owners_[id].reclaimed += n;
+      if (--in_flight_[id] == 0) callbacks_done_.notify_all();
     }
     return got;
   }
@@ -206,6 +258,34 @@ class ChunkPool {
     ReclaimFn fn;
     void* ctx;
   };
+
+  static constexpr int kReleasing = -2;  // marks a chunk within release_checked()
+
+  bool active_locked(int owner) const {
+    return owner >= 0 && owner < static_cast<int>(owners_.size()) && owners_[owner].active;
+  }
+  void release_locked(int owner, size_t n, const ChunkId* ids) {
+    for (size_t i = 0; i < n; ++i) {
+      Chunk& c = chunks_[ids[i]];
+      c.owner = kNoOwner;
+      c.last_owner = owner;
+      free_.push_back(ids[i]);
+    }
+    owners_[owner].held -= n;
+  }
+  size_t trim_locked(size_t keep) {
+    size_t n = 0;
+    while (free_.size() > keep) {
+      Chunk& c = chunks_[free_.back()];
+      free_.pop_back();
+      be_->destroy_chunk(c.handle, chunk_bytes_);
+      c.created = false;
+      dead_.push_back(static_cast<ChunkId>(&c - chunks_.data()));
+      --created_;
+      ++n;
+    }
+    return n;
+  }
 
   // Chunks `owner` may take now without reclaiming: free ones plus what the
   // budget still allows to create, less the headroom kept for another owner.
@@ -262,6 +342,8 @@ class ChunkPool {
   std::vector<ChunkId> free_, dead_;
   std::vector<OwnerStats> owners_;
   std::vector<Hook> hooks_;
+  std::vector<uint32_t> in_flight_;  // callbacks running, per owner
+  std::condition_variable callbacks_done_;
   int headroom_owner_ = kNoOwner;
   size_t headroom_ = 0;
   size_t created_ = 0, creates_ = 0, reclaim_calls_ = 0, failed_acquires_ = 0;

@@ -28,6 +28,18 @@ def raise_for_status(status: int, context: str = "") -> None:
     raise AllocatorError(msg)
 
 
+MAX_BYTES = 2**63 - 1  # sizes cross the C API as size_t; above this they are refused here
+
+
+def _check_bytes(value, what: str) -> int:
+    """A byte count for the C API: an int in [0, MAX_BYTES], never silently truncated by ctypes."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{what} must be an int, got {type(value).__name__}")
+    if not 0 <= value <= MAX_BYTES:
+        raise ValueError(f"{what} must be >= 0 and at most 2**63-1 bytes, got {value}")
+    return value
+
+
 def _parse_device(device) -> tuple[str, int]:
     text = str(device)
     if text == "cpu" or text.startswith("cpu:"):
@@ -94,8 +106,7 @@ class Pool:
 
     def malloc(self, size: int, stream: int = 0) -> int:
         """Allocates `size` bytes; returns the address. Raises OutOfMemoryError."""
-        if size < 0:
-            raise ValueError(f"size must be >= 0, got {size}")
+        _check_bytes(size, "size")
         ptr = N.lib.ellm_pool_malloc(self.handle, size, stream)
         if not ptr:
             if size == 0:
@@ -143,7 +154,9 @@ class Pool:
         N.lib.ellm_pool_reset_peaks(self.handle)
 
     def set_budget(self, budget: int | str) -> None:
-        N.lib.ellm_pool_set_budget(self.handle, parse_size(budget, "budget"))
+        """Changes the budget; below the chunks created, free ones are destroyed.
+        Raises ValueError below what owners hold."""
+        raise_for_status(N.lib.ellm_pool_set_budget(self.handle, _check_bytes(parse_size(budget, "budget"), "budget")))
 
     def validate(self) -> None:
         """Raises AssertionError naming the first broken invariant of the arena and ledger."""
@@ -165,8 +178,9 @@ class Pool:
         """
         import torch
 
-        if addr <= 0 or nbytes <= 0:
-            raise ValueError(f"byte_tensor needs a positive address and size, got {addr:#x}, {nbytes}")
+        if addr <= 0 or nbytes <= 0 or nbytes > MAX_BYTES or addr + nbytes > 2**64:
+            raise ValueError(f"byte_tensor needs a positive address and size (at most 2**63-1 bytes, "
+                             f"within the address space), got {addr:#x}, {nbytes}")
         managed = N.lib.ellm_dlpack_view(self.handle, addr, nbytes)
         if not managed:
             raise_for_status(N.last_status() or N.OUT_OF_MEMORY)
@@ -200,21 +214,24 @@ class Pool:
         self._reclaim_callbacks.pop(owner, None)
 
     def acquire(self, owner: int, n: int) -> list[int]:
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 2**32:
+            raise ValueError(f"acquire takes 0 to 2**32 chunks, got {n!r}")
         ids = (ctypes.c_uint32 * max(n, 1))()
         raise_for_status(N.lib.ellm_pool_acquire(self.handle, owner, n, ids))
         return list(ids[:n])
 
     def release(self, owner: int, ids: list[int]) -> None:
+        """Gives chunks back: all of them, or (on a bad id) none, raising ValueError."""
+        if any(not 0 <= i < 2**32 for i in ids):
+            raise ValueError(f"chunk ids are 32-bit, got {[i for i in ids if not 0 <= i < 2**32][:3]}")
         arr = (ctypes.c_uint32 * max(len(ids), 1))(*ids)
-        N.lib.ellm_pool_release(self.handle, owner, len(ids), arr)
+        raise_for_status(N.lib.ellm_pool_release(self.handle, owner, len(ids), arr))
 
     ARENA_OWNER = 0  # the torch arena registers first in every pool
 
     def set_headroom(self, nbytes: int, owner: int = ARENA_OWNER) -> None:
         """Keeps nbytes of the budget for `owner` (default: the torch arena) alone."""
-        if nbytes < 0:
-            raise ValueError(f"headroom must be >= 0 bytes, got {nbytes}")
-        N.lib.ellm_pool_set_headroom(self.handle, owner, nbytes)
+        raise_for_status(N.lib.ellm_pool_set_headroom(self.handle, owner, _check_bytes(nbytes, "headroom")))
 
     def available_chunks(self, owner: int) -> int:
         """Chunks `owner` could take now without reclaiming from another owner."""
