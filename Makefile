@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.ellm_installed
 
-.PHONY: demo test test-gpu bench clean
+.PHONY: demo test test-gpu test-sanitize bench clean
 
 # A torch already present (a GPU machine's CUDA build) is kept: the venv then
 # sees the system site-packages. Otherwise the CPU build of torch is installed.
@@ -27,6 +27,32 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
+# The core under AddressSanitizer + UndefinedBehaviorSanitizer (the C-level
+# stress test, then the pool, arena, KV and thread tests from Python with the
+# sanitized library preloaded), and the stress test under ThreadSanitizer.
+# Suppressions for Python itself: tests/sanitize/lsan.supp.
+SAN_DIR := build-sanitize
+SAN_FLAGS := -std=c++17 -O1 -g -fno-omit-frame-pointer -fno-sanitize-recover=undefined
+SAN_TESTS := tests/test_pool_owners.py tests/test_arena_stateful.py tests/test_bad_input.py \
+	tests/test_c_abi_bad_input.py tests/test_faults.py tests/test_threads.py tests/test_streams.py \
+	tests/test_fork.py tests/test_byte_tensor.py tests/test_kv_balloon.py tests/test_kv_straddling.py \
+	tests/test_kv_threads.py tests/test_kv_contiguous.py tests/test_kv_bad_input.py
+
+test-sanitize: $(STAMP)
+	@mkdir -p $(SAN_DIR)
+	g++ $(SAN_FLAGS) -fsanitize=address,undefined -shared -fPIC -fvisibility=hidden -x c++ csrc/allocator.cu \
+	  -o $(SAN_DIR)/libellm_alloc_core.so -ldl -lpthread
+	g++ $(SAN_FLAGS) -fsanitize=address,undefined -x c++ csrc/allocator.cu -x none tests/csrc/kv_stress.cpp \
+	  -o $(SAN_DIR)/kv_stress_asan -ldl -lpthread
+	g++ $(SAN_FLAGS) -fsanitize=thread -x c++ csrc/allocator.cu -x none tests/csrc/kv_stress.cpp \
+	  -o $(SAN_DIR)/kv_stress_tsan -ldl -lpthread
+	$(SAN_DIR)/kv_stress_asan 5
+	TSAN_OPTIONS=halt_on_error=1 $(SAN_DIR)/kv_stress_tsan 5
+	LD_PRELOAD="$$(g++ -print-file-name=libasan.so) $$(g++ -print-file-name=libubsan.so)" \
+	  ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 LSAN_OPTIONS=suppressions=tests/sanitize/lsan.supp \
+	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 ELLM_ALLOC_LIB=$(SAN_DIR)/libellm_alloc_core.so \
+	  ELLM_STATEFUL_EXAMPLES=40 $(BIN)/python -m pytest -q -p no:cacheprovider $(SAN_TESTS)
+
 test-gpu: $(STAMP)
 	$(BIN)/python -m pytest -q tests/gpu
 
@@ -35,4 +61,4 @@ bench: $(STAMP)
 	$(BIN)/python -m ellm_alloc.bench hotpath
 
 clean:
-	rm -rf build $(VENV) *.egg-info
+	rm -rf build $(SAN_DIR) $(VENV) *.egg-info

@@ -165,7 +165,12 @@ class ChunkPool {
     return kOk;
   }
 
-  ChunkHandle handle(ChunkId id) const { return chunks_[id].handle; }  // stable once created
+  // Under the lock: a growing pool may reallocate chunks_ meanwhile (found by
+  // ThreadSanitizer). Called on mapping paths only, never on a cached malloc.
+  ChunkHandle handle(ChunkId id) {
+    std::lock_guard<std::mutex> g(mu_);
+    return chunks_[id].handle;
+  }
   bool chunk_exists(ChunkId id) {
     std::lock_guard<std::mutex> g(mu_);
     return id < chunks_.size() && chunks_[id].created;

@@ -178,7 +178,16 @@ def test_kv_bench_shares_prefixes_and_reports_every_allocator(tmp_path):
 @pytest.mark.parametrize("doc, match", [
     ({"requests": []}, "at least one request"),
     ({"requests": [{"arrival": 0, "prompt": 5}]}, "needs integer"),
-    ({"requests": [{"arrival": 0, "prompt": 0, "output": 3}]}, "must be >= 1"),
+    ({"requests": [{"arrival": 0, "prompt": 0, "output": 3}]}, "'prompt' must be between 1 and"),
+    ({"requests": [{"arrival": 0, "prompt": 7.5, "output": 3}]}, "'prompt' must be an integer, got 7.5"),
+    ({"requests": [{"arrival": 0, "prompt": True, "output": 3}]}, "'prompt' must be an integer"),
+    ({"requests": [{"arrival": 0, "prompt": 10**12, "output": 3}]}, "'prompt' must be between 1 and 4194304"),
+    ({"requests": [{"arrival": 0, "prompt": 9, "output": 3, "prefix": ["a"], "prefix_len": 4}]},
+     "'prefix' must be a string name or null"),
+    ({"requests": [{"arrival": 0, "prompt": 9, "output": 3, "prefix": "a", "prefix_len": -4}]},
+     "'prefix_len' must be between 0 and"),
+    ({"requests": [{"arrival": 0, "prompt": 4_000_000, "output": 3}] * 17}, "more than 67108864 tokens in all"),
+    ({"requests": ["not a request"]}, "must be a JSON object"),
 ])
 def test_malformed_kv_workload_is_refused(tmp_path, doc, match):
     from ellm_alloc.bench import kv as kvbench

@@ -193,6 +193,7 @@ BAD_JSON_ENTRIES = [
     ({"type": "full", "kv_heads": 8, "head_dim": 128, "dtype": "fp13"}, r"dtype 'fp13'"),
     ({"type": "full", "kv_heads": 8, "head_dim": 128, "repeat": 0}, r"layers\[0\]: entry\.repeat must be positive"),
     ({"type": "full", "kv_heads": 8, "head_dim": 128, "repeat": "2"}, r"repeat must be an int"),
+    ({"type": "full", "kv_heads": 8, "head_dim": 128, "repeat": 10**12}, r"makes more than 4096 layers"),
     ({"type": "mamba", "conv_shape": [4], "ssm_shape": "16"}, r"ssm_shape must be a sequence"),
     (["full", 8, 128], r"layers\[0\] must be a JSON object"),
 ]

@@ -46,6 +46,27 @@ class WorkItem:
     extra_keys: tuple
 
 
+# Limits on a workload file: beyond them it is a mistake, not a workload (and
+# making its token ids would exhaust memory).
+MAX_REQUEST_TOKENS = 1 << 22  # 4M tokens of prompt or of output per request
+MAX_WORKLOAD_TOKENS = 1 << 26
+MAX_ARRIVAL = 1 << 30
+
+
+def _field(path, i: int, r: dict, key: str, lo: int, hi: int, default=None) -> int:
+    """An integer field of request i within [lo, hi], with an error naming the field and the limit."""
+    if key not in r:
+        if default is not None:
+            return default
+        raise ValueError(f"{path}: request {i} needs integer 'arrival', 'prompt' and 'output': {r}")
+    v = r[key]
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"{path}: request {i}: '{key}' must be an integer, got {v!r}")
+    if not lo <= v <= hi:
+        raise ValueError(f"{path}: request {i}: '{key}' must be between {lo} and {hi}, got {v}")
+    return v
+
+
 def load_workload(path: str | Path, vocab: int = 32000) -> tuple[str, list[WorkItem]]:
     """Reads a workload JSON and makes its token ids (deterministic)."""
     with open(path) as f:
@@ -54,18 +75,23 @@ def load_workload(path: str | Path, vocab: int = 32000) -> tuple[str, list[WorkI
         raise ValueError(f"{path}: expected {{'name': ..., 'requests': [...]}} with at least one request")
     items = []
     prefixes: dict[str, list[int]] = {}
+    total = 0
     for i, r in enumerate(doc["requests"]):
-        try:
-            arrival, plen, olen = int(r["arrival"]), int(r["prompt"]), int(r["output"])
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"{path}: request {i} needs integer 'arrival', 'prompt' and 'output': {r}") from None
-        if plen < 1 or olen < 1 or arrival < 0:
-            raise ValueError(f"{path}: request {i}: prompt and output must be >= 1, arrival >= 0: {r}")
+        if not isinstance(r, dict):
+            raise ValueError(f"{path}: request {i} must be a JSON object, got {r!r}")
+        arrival = _field(path, i, r, "arrival", 0, MAX_ARRIVAL)
+        plen = _field(path, i, r, "prompt", 1, MAX_REQUEST_TOKENS)
+        olen = _field(path, i, r, "output", 1, MAX_REQUEST_TOKENS)
+        total += plen + olen
+        if total > MAX_WORKLOAD_TOKENS:
+            raise ValueError(f"{path}: the requests up to {i} hold more than {MAX_WORKLOAD_TOKENS} tokens in all")
         rng = random.Random(i * 7919 + 1)
         prefix = r.get("prefix")
         shared: list[int] = []
+        if prefix is not None and not isinstance(prefix, str):
+            raise ValueError(f"{path}: request {i}: 'prefix' must be a string name or null, got {prefix!r}")
         if prefix is not None:
-            plen_shared = min(int(r.get("prefix_len", 0)), plen - 1)
+            plen_shared = min(_field(path, i, r, "prefix_len", 0, MAX_REQUEST_TOKENS, default=0), plen - 1)
             if prefix not in prefixes:
                 prng = random.Random(f"prefix:{prefix}")
                 prefixes[prefix] = [prng.randrange(vocab) for _ in range(max(plen_shared, 1))]

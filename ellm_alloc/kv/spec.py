@@ -131,6 +131,9 @@ def canonical_dtype(dtype: Any) -> str:
     return name
 
 
+MAX_LAYERS = 4096  # far above any published model; a spec beyond it is a typo, not a model
+
+
 def _check_int(owner: str, name: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{owner}.{name} must be an int, got {value!r}")
@@ -503,6 +506,8 @@ class ModelKVSpec:
                 spec = spec_from_dict(entry)
             except ValueError as e:
                 raise ValueError(f"{where}: {e}") from None
+            if len(layers) + repeat > MAX_LAYERS:
+                raise ValueError(f"{where}: repeat {repeat} makes more than {MAX_LAYERS} layers")
             layers.extend([spec] * repeat)
         return cls(d["name"], tuple(layers))
 
