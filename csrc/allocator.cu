@@ -106,6 +106,12 @@ void install_atfork() {
   });
 }
 
+// The largest VA an arena reserves: 128 TiB, the user address space of
+// x86-64 with 4-level page tables. It bounds every allocation, since a block
+// lies inside the arena's VA: larger sizes fail before any rounding could
+// wrap (Arena::malloc).
+constexpr size_t kMaxVaBytes = size_t(1) << 47;
+
 std::string human(size_t b) {
   char buf[32];
   const char* unit[] = {"B", "KiB", "MiB", "GiB", "TiB"};
@@ -168,7 +174,10 @@ int create_pool(const char* backend, int device, size_t budget_bytes, double fra
     return fail(kInvalidArgument, "budget " + human(budget_bytes) + " is smaller than one chunk (" +
                                       human(chunk_bytes) + ")");
   budget_bytes = budget_bytes / chunk_bytes * chunk_bytes;
-  if (va_bytes == 0) va_bytes = std::max<size_t>(size_t(1) << 30, 4 * budget_bytes);
+  if (va_bytes > kMaxVaBytes)
+    return fail(kInvalidArgument, "VA size " + human(va_bytes) + " is above the maximum of " + human(kMaxVaBytes));
+  if (va_bytes == 0)  // 4 x budget, without wrapping for huge budgets
+    va_bytes = std::max<size_t>(size_t(1) << 30, std::min(kMaxVaBytes / 4, budget_bytes) * 4);
   p->budget_bytes = budget_bytes;
   p->pool = std::make_unique<ChunkPool>(p->backend.get(), chunk_bytes, budget_bytes, prealloc);
   p->arena = std::make_unique<Arena>(p->pool.get(), va_bytes);
@@ -241,6 +250,7 @@ const char* status_name(int s) {
 }  // namespace
 
 static void pool_stats(ellm_pool* pool, ellm_stats* out);
+static double bench_pairs(ellm_pool* pool, const size_t* sizes, size_t n, size_t iters, int use_glibc);
 static int owner_stats(ellm_pool* pool, int owner, ellm_owner_stats* out);
 
 extern "C" {
@@ -299,8 +309,11 @@ void* ellm_pool_malloc(ellm_pool* pool, size_t size, uintptr_t stream) {
     r = kOutOfMemory;
   }
   if (r != kOk) {
-    fail(r, std::string(r == kOutOfMemory ? "out of memory" : status_name(r)) +
-                ": tried to allocate " + human(size) + "; " + describe_pool(pool));
+    size_t va = pool->arena->stats().va_bytes;
+    fail(r, std::string(r == kOutOfMemory ? "out of memory" : status_name(r)) + ": tried to allocate " +
+                human(size) +
+                (size > va ? ", more than the arena's whole VA (" + human(va) + "): no allocation this large can succeed"
+                           : "; " + describe_pool(pool)));
     return nullptr;
   }
   return out;
@@ -412,6 +425,9 @@ int ellm_pool_register_owner(ellm_pool* pool, const char* name, ellm_reclaim_fn 
 int ellm_pool_unregister_owner(ellm_pool* pool, int owner) {
   if (!check_pool(pool, "unregister_owner") || !check_owner(pool, owner, "unregister_owner"))
     return kInvalidArgument;
+  if (pool->pool->in_own_callback(owner))
+    return fail(kInvalidArgument, "unregister_owner: owner " + std::to_string(owner) +
+                                      " cannot leave from inside its own reclaim callback");
   int r = pool->pool->unregister_owner(owner);
   return r == kOk ? kOk : fail(r, "owner still holds chunks; release them first");
 }
@@ -508,14 +524,23 @@ int ellm_kv_pin(ellm_kv_space* space, uint32_t page) {
   return r;
 }
 int ellm_kv_state(ellm_kv_space* space, uint32_t page) {
-  return check_space(space, "kv_state") ? space->space->state(page) : -kInvalidArgument;
+  if (!check_space(space, "kv_state")) return -kInvalidArgument;
+  if (page >= space->space->n_pages())
+    return -fail(kInvalidArgument, "KV state of page " + std::to_string(page) + ": out of range (" +
+                                       std::to_string(space->space->n_pages()) + " pages)");
+  return space->space->state(page);
 }
 size_t ellm_kv_take_reclaimed(ellm_kv_space* space, uint32_t* pages, size_t cap) {
-  if (!check_space(space, "kv_take_reclaimed") || (cap > 0 && !pages)) return 0;
-  return space->space->take_reclaimed(pages, cap);
+  if (!check_space(space, "kv_take_reclaimed")) return 0;
+  if (cap > 0 && !pages) {
+    fail(kInvalidArgument, "kv_take_reclaimed: NULL page array");
+    return 0;
+  }
+  return guard("kv_take_reclaimed", size_t(0), [&] { return space->space->take_reclaimed(pages, cap); });
 }
 size_t ellm_kv_reclaim(ellm_kv_space* space, size_t want_chunks) {
-  return check_space(space, "kv_reclaim") ? space->space->reclaim(want_chunks) : 0;
+  if (!check_space(space, "kv_reclaim")) return 0;
+  return guard("kv_reclaim", size_t(0), [&] { return space->space->reclaim(want_chunks); });
 }
 void ellm_kv_get_stats(ellm_kv_space* space, ellm_kv_stats* out) {
   if (!check_space(space, "kv_stats") || !out) return;
@@ -640,8 +665,12 @@ void ellm_reset(void) {
 }
 
 void ellm_memory_fraction(double fraction, int device) {
+  if (!(fraction > 0.0 && fraction <= 1.0)) {
+    fail(kInvalidArgument, "memory fraction must be in (0, 1], got " + std::to_string(fraction));
+    return;
+  }
   ellm_pool* p = device_pool(device);
-  if (!p || !(fraction > 0.0 && fraction <= 1.0)) return;
+  if (!p) return;
   size_t free_b = 0, total_b = 0;
   if (p->backend->mem_info(&free_b, &total_b) == kOk)
     ellm_pool_set_budget(p, static_cast<size_t>(static_cast<double>(total_b) * fraction));
@@ -673,6 +702,24 @@ void ellm_dlpack_discard(void* managed) {
 int64_t ellm_dlpack_live(void) { return g_live_byte_views.load(); }
 
 double ellm_bench_pairs(ellm_pool* pool, const size_t* sizes, size_t n, size_t iters, int use_glibc) {
+  if (!check_pool(pool, "bench_pairs")) return -1.0;
+  if (n == 0 || !sizes || iters == 0) {
+    fail(kInvalidArgument, "bench_pairs: needs at least one size and one iteration");
+    return -1.0;
+  }
+  size_t va = pool->arena->stats().va_bytes;
+  for (size_t i = 0; i < n; ++i)  // checked once here, so the timed loop stays the bare fast path
+    if (sizes[i] == 0 || sizes[i] > va / n) {
+      fail(kInvalidArgument, "bench_pairs: size " + std::to_string(sizes[i]) + " is 0 or the sizes do not fit the arena together");
+      return -1.0;
+    }
+  return guard("bench_pairs", -1.0, [&] { return bench_pairs(pool, sizes, n, iters, use_glibc); });
+}
+
+}  // extern "C"
+
+// The timed loop of ellm_bench_pairs, on arguments already checked.
+static double bench_pairs(ellm_pool* pool, const size_t* sizes, size_t n, size_t iters, int use_glibc) {
   std::vector<void*> ptrs(n);
   auto round = [&] {
     if (use_glibc) {
@@ -691,5 +738,3 @@ double ellm_bench_pairs(ellm_pool* pool, const size_t* sizes, size_t n, size_t i
   double ns = (t1.tv_sec - t0.tv_sec) * 1e9 + (t1.tv_nsec - t0.tv_nsec);
   return ns / static_cast<double>(iters * n);
 }
-
-}  // extern "C"

@@ -10,8 +10,11 @@
 // Every entry point checks its arguments (NULL handles, owners, chunk ids,
 // sizes) and no C++ exception crosses this ABI, with one deliberate
 // exception: ellm_malloc's out-of-memory thrower, which torch expects.
-// Sizes: an allocation above the arena's VA fails as out of memory; a KV
-// space has at most 2^24 pages.
+// Sizes: an arena reserves at most 2^47 bytes (128 TiB) of VA; an allocation
+// above the arena's VA fails as out of memory, saying so; a KV space has at
+// most 2^24 pages. Handles are checked for NULL only: a destroyed handle
+// cannot be told from a live one, and KV spaces must be destroyed before the
+// pool they draw on.
 #pragma once
 
 #include <stddef.h>
@@ -78,11 +81,16 @@ uintptr_t ellm_pool_arena_base(ellm_pool* pool);
 
 // ---- other owners of chunks (KV spaces) ----
 int ellm_pool_register_owner(ellm_pool* pool, const char* name, ellm_reclaim_fn fn, void* ctx);
+// Returns once no reclaim callback runs on the owner any more; refused from
+// inside the owner's own callback (it would wait for itself). A callback must
+// not unregister other owners either (see pool.h, "Owner lifetime").
 int ellm_pool_unregister_owner(ellm_pool* pool, int owner);
 int ellm_pool_acquire(ellm_pool* pool, int owner, size_t n, uint32_t* ids);
 // All or nothing: every id must be a chunk `owner` holds, listed once.
 int ellm_pool_release(ellm_pool* pool, int owner, size_t n, const uint32_t* ids);
-uint64_t ellm_pool_chunk_handle(ellm_pool* pool, uint32_t id);  // 0 + error for an unknown id
+// 0 + error for an unknown id; 0 is also a valid host handle, so check
+// ellm_last_status() (cleared on success).
+uint64_t ellm_pool_chunk_handle(ellm_pool* pool, uint32_t id);
 
 // Keeps `bytes` of the budget for `owner` (the arena: owner 0) alone.
 int ellm_pool_set_headroom(ellm_pool* pool, int owner, size_t bytes);
@@ -103,7 +111,7 @@ int ellm_kv_map(ellm_kv_space* space, uint32_t first, uint32_t count);  // all o
 int ellm_kv_unmap(ellm_kv_space* space, uint32_t page, uintptr_t stream);
 int ellm_kv_set_reclaimable(ellm_kv_space* space, uint32_t page, uint32_t priority, uintptr_t stream);
 int ellm_kv_pin(ellm_kv_space* space, uint32_t page);  // 1 pinned, 0 was reclaimed, <0 error
-int ellm_kv_state(ellm_kv_space* space, uint32_t page);  // 0 unmapped, 1 pinned, 2 reclaimable
+int ellm_kv_state(ellm_kv_space* space, uint32_t page);  // 0 unmapped, 1 pinned, 2 reclaimable, <0 error
 size_t ellm_kv_take_reclaimed(ellm_kv_space* space, uint32_t* pages, size_t cap);
 size_t ellm_kv_reclaim(ellm_kv_space* space, size_t want_chunks);
 void ellm_kv_get_stats(ellm_kv_space* space, ellm_kv_stats* out);
@@ -153,6 +161,7 @@ void ellm_record_stream(void* ptr, void* stream);
 // frees them in reverse; repeats `iters` times after one warm-up round.
 // Returns ns per malloc/free pair, through the arena (use_glibc = 0) or
 // glibc malloc/free (1), timed inside C so no binding overhead is counted.
+// -1 + error for bad arguments (no size, a zero size, sizes beyond the arena).
 double ellm_bench_pairs(ellm_pool* pool, const size_t* sizes, size_t n, size_t iters, int use_glibc);
 
 #pragma GCC visibility pop

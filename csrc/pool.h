@@ -21,7 +21,15 @@
 // before the lock is dropped; unregister_owner() clears the hook (no new call
 // can start) and then waits until in_flight is 0. An owner may hold its own
 // lock while unregistering: its callback only try_locks it, gives nothing and
-// returns, so the wait ends.
+// returns, so the wait ends. Two consequences, one enforced, one stated:
+//  * a callback must not unregister its own owner (it would wait for itself):
+//    unregister_owner() refuses that, knowing from a per-thread list which
+//    callbacks the calling thread is running;
+//  * a callback must not unregister any other owner either (two threads, each
+//    in a callback, each unregistering the other's owner, would wait for each
+//    other forever); no callback in this project does, and none may.
+// The count is dropped by a scope guard, so even a callback that throws
+// leaves it balanced and cannot make a later unregister wait forever.
 //
 // Misuse through the C API (unknown owners, chunk ids out of range or held by
 // another owner, a budget below the chunks in use) is refused with
@@ -85,8 +93,16 @@ class ChunkPool {
     return active_locked(owner);
   }
 
+  // Whether the calling thread is running `owner`'s reclaim callback now.
+  bool in_own_callback(int owner) const {
+    for (const CallbackFrame* f = t_callbacks_; f; f = f->outer)
+      if (f->pool == this && f->owner == owner) return true;
+    return false;
+  }
+
   // An owner leaves only after giving every chunk back; see "Owner lifetime".
   int unregister_owner(int owner) {
+    if (in_own_callback(owner)) return kInvalidArgument;  // the wait below would never end
     std::unique_lock<std::mutex> g(mu_);
     if (!active_locked(owner) || owners_[owner].held != 0) return kInvalidArgument;
     owners_[owner].active = false;
@@ -103,6 +119,7 @@ class ChunkPool {
     for (int round = 0;; ++round) {
       {
         std::lock_guard<std::mutex> g(mu_);
+        if (!active_locked(owner)) return kInvalidArgument;  // unregistered meanwhile
         size_t avail = available_locked(owner);
         if (n <= avail) {
           if (n > free_.size()) grow_locked(std::min(avail, std::max(n - free_.size(), kGrowBatch)));
@@ -217,11 +234,10 @@ class ChunkPool {
         if (!h.fn) continue;  // unregistered since the list was made
         ++in_flight_[id];
       }
+      InFlight counted(this, id);  // from here until the callback returns (or throws)
       size_t n = h.fn(h.ctx, want - got);
       got += n;
-      std::lock_guard<std::mutex> g(mu_);
-      owners_[id].reclaimed += n;
-      if (--in_flight_[id] == 0) callbacks_done_.notify_all();
+      counted.reclaimed = n;
     }
     return got;
   }
@@ -262,6 +278,31 @@ class ChunkPool {
   struct Hook {
     ReclaimFn fn;
     void* ctx;
+  };
+
+  // One reclaim callback running on this thread (see "Owner lifetime").
+  struct CallbackFrame {
+    const ChunkPool* pool;
+    int owner;
+    const CallbackFrame* outer;
+  };
+  static inline thread_local const CallbackFrame* t_callbacks_ = nullptr;
+
+  // Scope of one callback call: listed in t_callbacks_ while it runs, then
+  // its in_flight_ count dropped (waking unregister_owner at zero).
+  struct InFlight {
+    ChunkPool* pool;
+    CallbackFrame frame;
+    size_t reclaimed = 0;
+    InFlight(ChunkPool* p, int owner) : pool(p), frame{p, owner, t_callbacks_} { t_callbacks_ = &frame; }
+    ~InFlight() {
+      t_callbacks_ = frame.outer;
+      std::lock_guard<std::mutex> g(pool->mu_);
+      pool->owners_[frame.owner].reclaimed += reclaimed;
+      if (--pool->in_flight_[frame.owner] == 0) pool->callbacks_done_.notify_all();
+    }
+    InFlight(const InFlight&) = delete;
+    InFlight& operator=(const InFlight&) = delete;
   };
 
   static constexpr int kReleasing = -2;  // marks a chunk within release_checked()

@@ -67,11 +67,11 @@ class Pool:
         handle = N.lib.ellm_pool_create(
             backend.encode(),
             index,
-            b.bytes,
+            _check_bytes(b.bytes, "budget"),
             b.fraction,
-            parse_size(chunk_size, "chunk_size") if chunk_size is not None else 0,
-            parse_size(va_size, "va_size") if va_size is not None else 0,
-            parse_size(prealloc, "prealloc") if prealloc else 0,
+            _check_bytes(parse_size(chunk_size, "chunk_size"), "chunk_size") if chunk_size is not None else 0,
+            _check_bytes(parse_size(va_size, "va_size"), "va_size") if va_size is not None else 0,
+            _check_bytes(parse_size(prealloc, "prealloc"), "prealloc") if prealloc else 0,
         )
         if not handle:
             raise_for_status(N.last_status() or N.BACKEND_ERROR, "pool creation failed")
@@ -206,6 +206,8 @@ class Pool:
                     return 0
             cb = N.RECLAIM_FN(trampoline)
         owner = N.lib.ellm_pool_register_owner(self.handle, name.encode(), cb, None)
+        if owner < 0:
+            raise_for_status(-owner)
         self._reclaim_callbacks[owner] = cb
         return owner
 

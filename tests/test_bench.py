@@ -186,8 +186,12 @@ def test_kv_bench_shares_prefixes_and_reports_every_allocator(tmp_path):
      "'prefix' must be a string name or null"),
     ({"requests": [{"arrival": 0, "prompt": 9, "output": 3, "prefix": "a", "prefix_len": -4}]},
      "'prefix_len' must be between 0 and"),
-    ({"requests": [{"arrival": 0, "prompt": 4_000_000, "output": 3}] * 17}, "more than 67108864 tokens in all"),
+    ({"requests": [{"arrival": 0, "prompt": 4_000_000, "output": 3}] * 17}, "more than 16777216 tokens in all"),
     ({"requests": ["not a request"]}, "must be a JSON object"),
+    ({"requests": [{"arrival": 0, "prompt": 9, "output": 3, "prefix": "a", "prefix_len": 4.5}]},
+     "'prefix_len' must be an integer, got 4.5"),
+    ({"requests": [{"arrival": 0.5, "prompt": 9, "output": 3}]}, "'arrival' must be an integer, got 0.5"),
+    ({"name": 5, "requests": [{"arrival": 0, "prompt": 9, "output": 3}]}, "'name' must be a string"),
 ])
 def test_malformed_kv_workload_is_refused(tmp_path, doc, match):
     from ellm_alloc.bench import kv as kvbench
@@ -196,6 +200,16 @@ def test_malformed_kv_workload_is_refused(tmp_path, doc, match):
     p.write_text(json.dumps(doc))
     with pytest.raises(ValueError, match=match):
         kvbench.load_workload(p)
+
+
+def test_kv_bench_cli_reports_a_malformed_workload_in_one_line(tmp_path, capsys):
+    """`bench kv` with a malformed workload exits with status 2 and one 'error:' line naming the
+    field, not a traceback."""
+    p = tmp_path / "bad.json"
+    p.write_text(json.dumps({"requests": [{"arrival": 0, "prompt": 9, "output": 3, "prefix": ["a"]}]}))
+    assert bench.main(["kv", "--model", "llama3-8b", "--workload", str(p), "--budget", "1GiB"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "'prefix' must be a string name or null" in err
 
 
 def _long_workload(tmp_path: Path, prompt: int) -> Path:

@@ -12,7 +12,7 @@ import ctypes
 
 import pytest
 
-from ellm_alloc import OutOfMemoryError
+from ellm_alloc import OutOfMemoryError, Pool
 from ellm_alloc import _native as N
 from ellm_alloc.kv.space import PageSpace
 
@@ -51,65 +51,145 @@ class World:
         self.pool.free(self.live)
 
 
-# (name, call(world) -> status or value, expected status, message fragment)
+NULL = None  # what a pointer-returning entry point gives back (ctypes maps NULL to None)
+ERR = -1  # placeholder in rows below: "the status, negated" (KV calls that return 1/0/-status)
+
+
+def stale_status() -> None:
+    """Leaves a failure no row expects (DOUBLE_FREE) in last_status, so a row passes only if
+    its own call set the status and message."""
+    with_pool = N.lib.ellm_pool_create(b"host", 0, 8 * MiB, 0.0, 0, 0, 0)
+    p = N.lib.ellm_pool_malloc(with_pool, 4096, 0)
+    N.lib.ellm_pool_free(with_pool, p, 0)
+    N.lib.ellm_pool_free(with_pool, p, 0)
+    N.lib.ellm_pool_destroy(with_pool)
+    assert N.last_status() == N.DOUBLE_FREE
+
+
+def release_twice(w):
+    """Releases one of the tenant's chunks, then the same chunk again in a second call."""
+    first = w.mine.pop()
+    assert N.lib.ellm_pool_release(w.h, w.owner, 1, ids(first)) == N.OK
+    return N.lib.ellm_pool_release(w.h, w.owner, 1, ids(first))
+
+
+def bench_sizes(*xs):
+    return (ctypes.c_size_t * max(len(xs), 1))(*xs)
+
+
+# (name, call(world), expected return value, expected status, message fragment)
 C_ROWS = [
-    ("malloc SIZE_MAX", lambda w: N.lib.ellm_pool_malloc(w.h, 2**64 - 1, 0), N.OUT_OF_MEMORY, "tried to allocate"),
-    ("malloc 2^64-100", lambda w: N.lib.ellm_pool_malloc(w.h, 2**64 - 100, 0), N.OUT_OF_MEMORY, "out of memory"),
-    ("malloc above the VA", lambda w: N.lib.ellm_pool_malloc(w.h, 2**62, 0), N.OUT_OF_MEMORY, "out of memory"),
-    ("malloc NULL pool", lambda w: N.lib.ellm_pool_malloc(None, 64, 0), N.INVALID_ARGUMENT, "NULL pool"),
-    ("free NULL pool", lambda w: N.lib.ellm_pool_free(None, w.live, 0), N.INVALID_ARGUMENT, "NULL pool"),
-    ("free a foreign pointer", lambda w: N.lib.ellm_pool_free(w.h, 0x1000, 0), N.INVALID_POINTER, "not owned"),
-    ("acquire, unknown owner", lambda w: N.lib.ellm_pool_acquire(w.h, 99, 1, ids(0)), N.INVALID_ARGUMENT,
-     "no active owner 99"),
-    ("acquire, negative owner", lambda w: N.lib.ellm_pool_acquire(w.h, -1, 1, ids(0)), N.INVALID_ARGUMENT,
-     "no active owner"),
-    ("acquire, NULL ids", lambda w: N.lib.ellm_pool_acquire(w.h, w.owner, 1, None), N.INVALID_ARGUMENT, "NULL id"),
-    ("release, id out of range", lambda w: N.lib.ellm_pool_release(w.h, w.owner, 1, ids(10**6)),
-     N.INVALID_ARGUMENT, "does not exist"),
-    ("release, another owner's chunk", lambda w: N.lib.ellm_pool_release(w.h, w.owner, 1, ids(w.theirs[0])),
-     N.INVALID_ARGUMENT, "not held by owner"),
-    ("release twice in one call", lambda w: N.lib.ellm_pool_release(w.h, w.owner, 2, ids(w.mine[0], w.mine[0])),
-     N.INVALID_ARGUMENT, "listed twice"),
-    ("release, unknown owner", lambda w: N.lib.ellm_pool_release(w.h, 77, 1, ids(w.mine[0])), N.INVALID_ARGUMENT,
-     "no active owner"),
-    ("chunk_handle out of range", lambda w: N.lib.ellm_pool_chunk_handle(w.h, 10**6) or N.last_status(),
-     N.INVALID_ARGUMENT, "does not exist"),
-    ("set_budget below held chunks", lambda w: N.lib.ellm_pool_set_budget(w.h, 2 * MiB), N.INVALID_ARGUMENT,
-     "below the"),
-    ("set_budget below one chunk", lambda w: N.lib.ellm_pool_set_budget(w.h, 100), N.INVALID_ARGUMENT,
-     "smaller than one chunk"),
-    ("set_headroom, unknown owner", lambda w: N.lib.ellm_pool_set_headroom(w.h, 55, MiB), N.INVALID_ARGUMENT,
-     "no active owner"),
-    ("unregister, unknown owner", lambda w: N.lib.ellm_pool_unregister_owner(w.h, 55), N.INVALID_ARGUMENT,
-     "no active owner"),
-    ("unregister, owner holding chunks", lambda w: N.lib.ellm_pool_unregister_owner(w.h, w.owner),
-     N.INVALID_ARGUMENT, "still holds"),
-    ("KV space of 2^40 pages", lambda w: N.lib.ellm_kv_create(w.h, b"huge", 2**40) or N.last_status(),
-     N.INVALID_ARGUMENT, "pages"),
-    ("KV space of SIZE_MAX pages", lambda w: N.lib.ellm_kv_create(w.h, b"huge", 2**64 - 1) or N.last_status(),
-     N.INVALID_ARGUMENT, "pages"),
-    ("KV space, NULL pool", lambda w: N.lib.ellm_kv_create(None, b"x", 4) or N.last_status(), N.INVALID_ARGUMENT,
+    ("malloc SIZE_MAX", lambda w: N.lib.ellm_pool_malloc(w.h, 2**64 - 1, 0), NULL, N.OUT_OF_MEMORY,
+     "more than the arena's whole VA"),
+    ("malloc 2^64-100", lambda w: N.lib.ellm_pool_malloc(w.h, 2**64 - 100, 0), NULL, N.OUT_OF_MEMORY,
+     "no allocation this large can succeed"),
+    ("malloc above the VA", lambda w: N.lib.ellm_pool_malloc(w.h, 2**62, 0), NULL, N.OUT_OF_MEMORY,
+     "more than the arena's whole VA"),
+    ("malloc NULL pool", lambda w: N.lib.ellm_pool_malloc(None, 64, 0), NULL, N.INVALID_ARGUMENT, "NULL pool"),
+    ("free NULL pool", lambda w: N.lib.ellm_pool_free(None, w.live, 0), N.INVALID_ARGUMENT, N.INVALID_ARGUMENT,
      "NULL pool"),
-    ("KV map past the end", lambda w: N.lib.ellm_kv_map(w.space.handle, 3, 5), N.INVALID_ARGUMENT, "KV map"),
-    ("KV map, NULL space", lambda w: N.lib.ellm_kv_map(None, 0, 1), N.INVALID_ARGUMENT, "NULL KV space"),
-    ("KV unmap of an unmapped page", lambda w: -N.lib.ellm_kv_unmap(w.space.handle, 2, 0), N.INVALID_ARGUMENT,
-     "not mapped"),
-    ("DLPack view of 2^64-1 bytes", lambda w: N.lib.ellm_dlpack_view(w.h, w.live, 2**64 - 1) or N.last_status(),
-     N.INVALID_ARGUMENT, "not a valid range"),
+    ("free a foreign pointer", lambda w: N.lib.ellm_pool_free(w.h, 0x1000, 0), N.INVALID_POINTER, N.INVALID_POINTER,
+     "not owned"),
+    ("acquire, unknown owner", lambda w: N.lib.ellm_pool_acquire(w.h, 99, 1, ids(0)), N.INVALID_ARGUMENT,
+     N.INVALID_ARGUMENT, "no active owner 99"),
+    ("acquire, negative owner", lambda w: N.lib.ellm_pool_acquire(w.h, -1, 1, ids(0)), N.INVALID_ARGUMENT,
+     N.INVALID_ARGUMENT, "no active owner"),
+    ("acquire, NULL ids", lambda w: N.lib.ellm_pool_acquire(w.h, w.owner, 1, None), N.INVALID_ARGUMENT,
+     N.INVALID_ARGUMENT, "NULL id"),
+    ("release, id out of range", lambda w: N.lib.ellm_pool_release(w.h, w.owner, 1, ids(10**6)),
+     N.INVALID_ARGUMENT, N.INVALID_ARGUMENT, "does not exist"),
+    ("release, another owner's chunk", lambda w: N.lib.ellm_pool_release(w.h, w.owner, 1, ids(w.theirs[0])),
+     N.INVALID_ARGUMENT, N.INVALID_ARGUMENT, "not held by owner"),
+    ("release twice in one call", lambda w: N.lib.ellm_pool_release(w.h, w.owner, 2, ids(w.mine[0], w.mine[0])),
+     N.INVALID_ARGUMENT, N.INVALID_ARGUMENT, "listed twice"),
+    ("release a chunk already released", release_twice, N.INVALID_ARGUMENT, N.INVALID_ARGUMENT,
+     "not held by owner"),
+    ("release, unknown owner", lambda w: N.lib.ellm_pool_release(w.h, 77, 1, ids(w.mine[0])), N.INVALID_ARGUMENT,
+     N.INVALID_ARGUMENT, "no active owner"),
+    ("release, NULL ids", lambda w: N.lib.ellm_pool_release(w.h, w.owner, 1, None), N.INVALID_ARGUMENT,
+     N.INVALID_ARGUMENT, "NULL id"),
+    ("chunk_handle out of range", lambda w: N.lib.ellm_pool_chunk_handle(w.h, 10**6), 0, N.INVALID_ARGUMENT,
+     "does not exist"),
+    ("set_budget below held chunks", lambda w: N.lib.ellm_pool_set_budget(w.h, 2 * MiB), N.INVALID_ARGUMENT,
+     N.INVALID_ARGUMENT, "below the"),
+    ("set_budget below one chunk", lambda w: N.lib.ellm_pool_set_budget(w.h, 100), N.INVALID_ARGUMENT,
+     N.INVALID_ARGUMENT, "smaller than one chunk"),
+    ("set_headroom, unknown owner", lambda w: N.lib.ellm_pool_set_headroom(w.h, 55, MiB), N.INVALID_ARGUMENT,
+     N.INVALID_ARGUMENT, "no active owner"),
+    ("available_chunks, unknown owner", lambda w: N.lib.ellm_pool_available_chunks(w.h, 55), 0,
+     N.INVALID_ARGUMENT, "no active owner"),
+    ("register_owner, NULL pool", lambda w: N.lib.ellm_pool_register_owner(None, b"x", N.RECLAIM_FN(), None),
+     -N.INVALID_ARGUMENT, N.INVALID_ARGUMENT, "NULL pool"),
+    ("unregister, unknown owner", lambda w: N.lib.ellm_pool_unregister_owner(w.h, 55), N.INVALID_ARGUMENT,
+     N.INVALID_ARGUMENT, "no active owner"),
+    ("unregister, owner holding chunks", lambda w: N.lib.ellm_pool_unregister_owner(w.h, w.owner),
+     N.INVALID_ARGUMENT, N.INVALID_ARGUMENT, "still holds"),
     ("owner stats of an unknown owner", lambda w: N.lib.ellm_pool_owner_stats(w.h, 999, ctypes.byref(N.OwnerStats())),
-     N.INVALID_ARGUMENT, "no owner"),
+     N.INVALID_ARGUMENT, N.INVALID_ARGUMENT, "no owner"),
+    ("owner stats, NULL output", lambda w: N.lib.ellm_pool_owner_stats(w.h, 0, None), N.INVALID_ARGUMENT,
+     N.INVALID_ARGUMENT, "NULL output"),
+    ("validate, NULL pool", lambda w: N.lib.ellm_pool_validate(None, None, 0), N.INVALID_ARGUMENT,
+     N.INVALID_ARGUMENT, "NULL pool"),
+    ("pool with a VA above 2^47", lambda w: N.lib.ellm_pool_create(b"host", 0, 64 * MiB, 0.0, 0, 2**50, 0), NULL,
+     N.INVALID_ARGUMENT, "above the maximum"),
+    ("pool with an unknown backend", lambda w: N.lib.ellm_pool_create(b"tpu", 0, 64 * MiB, 0.0, 0, 0, 0), NULL,
+     N.INVALID_ARGUMENT, "unknown backend"),
+    ("KV space of 2^40 pages", lambda w: N.lib.ellm_kv_create(w.h, b"huge", 2**40), NULL, N.INVALID_ARGUMENT,
+     "pages"),
+    ("KV space of SIZE_MAX pages", lambda w: N.lib.ellm_kv_create(w.h, b"huge", 2**64 - 1), NULL,
+     N.INVALID_ARGUMENT, "pages"),
+    ("KV space of 0 pages", lambda w: N.lib.ellm_kv_create(w.h, b"none", 0), NULL, N.INVALID_ARGUMENT, "pages"),
+    ("KV space, NULL pool", lambda w: N.lib.ellm_kv_create(None, b"x", 4), NULL, N.INVALID_ARGUMENT, "NULL pool"),
+    ("KV map past the end", lambda w: N.lib.ellm_kv_map(w.space.handle, 3, 5), N.INVALID_ARGUMENT,
+     N.INVALID_ARGUMENT, "KV map"),
+    ("KV map, first + count wraps 32 bits", lambda w: N.lib.ellm_kv_map(w.space.handle, 2, 2**32 - 1),
+     N.INVALID_ARGUMENT, N.INVALID_ARGUMENT, "KV map"),
+    ("KV map, NULL space", lambda w: N.lib.ellm_kv_map(None, 0, 1), N.INVALID_ARGUMENT, N.INVALID_ARGUMENT,
+     "NULL KV space"),
+    ("KV unmap of an unmapped page", lambda w: N.lib.ellm_kv_unmap(w.space.handle, 2, 0), -N.INVALID_ARGUMENT,
+     N.INVALID_ARGUMENT, "not mapped"),
+    ("KV unmap out of range", lambda w: N.lib.ellm_kv_unmap(w.space.handle, 2**31, 0), -N.INVALID_ARGUMENT,
+     N.INVALID_ARGUMENT, "KV unmap"),
+    ("KV set_reclaimable out of range", lambda w: N.lib.ellm_kv_set_reclaimable(w.space.handle, 4, 0, 0),
+     -N.INVALID_ARGUMENT, N.INVALID_ARGUMENT, "KV page 4"),
+    ("KV pin out of range", lambda w: N.lib.ellm_kv_pin(w.space.handle, 4), -N.INVALID_ARGUMENT,
+     N.INVALID_ARGUMENT, "out of range"),
+    ("KV state out of range", lambda w: N.lib.ellm_kv_state(w.space.handle, 4), -N.INVALID_ARGUMENT,
+     N.INVALID_ARGUMENT, "out of range"),
+    ("KV take_reclaimed, NULL array", lambda w: N.lib.ellm_kv_take_reclaimed(w.space.handle, None, 8), 0,
+     N.INVALID_ARGUMENT, "NULL page array"),
+    ("KV reclaim, NULL space", lambda w: N.lib.ellm_kv_reclaim(None, 1), 0, N.INVALID_ARGUMENT, "NULL KV space"),
+    ("DLPack view of 2^64-1 bytes", lambda w: N.lib.ellm_dlpack_view(w.h, w.live, 2**64 - 1), NULL,
+     N.INVALID_ARGUMENT, "not a valid range"),
+    ("DLPack view wrapping the address space", lambda w: N.lib.ellm_dlpack_view(w.h, 2**64 - 4096, 8192), NULL,
+     N.INVALID_ARGUMENT, "not a valid range"),
+    ("bench_pairs, NULL pool", lambda w: N.lib.ellm_bench_pairs(None, bench_sizes(64), 1, 1, 0), -1.0,
+     N.INVALID_ARGUMENT, "NULL pool"),
+    ("bench_pairs, SIZE_MAX", lambda w: N.lib.ellm_bench_pairs(w.h, bench_sizes(2**64 - 1), 1, 1, 0), -1.0,
+     N.INVALID_ARGUMENT, "do not fit the arena"),
+    ("bench_pairs, no sizes", lambda w: N.lib.ellm_bench_pairs(w.h, None, 0, 1, 0), -1.0, N.INVALID_ARGUMENT,
+     "at least one size"),
+    ("host fault of an unknown kind", lambda w: N.lib.ellm_host_inject_fault(w.h, 7, 1), N.INVALID_ARGUMENT,
+     N.INVALID_ARGUMENT, "fault kind"),
+    ("torch memory fraction of 2.5", lambda w: N.lib.ellm_memory_fraction(2.5, 0), None, N.INVALID_ARGUMENT,
+     "(0, 1]"),
 ]
 
 
-@pytest.mark.parametrize("name, call, status, fragment", C_ROWS, ids=[r[0] for r in C_ROWS])
-def test_c_abi_refuses_bad_input_cleanly(make_pool, mem, name, call, status, fragment):
+@pytest.mark.parametrize("name, call, returns, status, fragment", C_ROWS, ids=[r[0] for r in C_ROWS])
+def test_c_abi_refuses_bad_input_cleanly(make_pool, mem, name, call, returns, status, fragment):
+    """The call returns its error value, sets this status and message, and changes nothing."""
     w = World(make_pool("64MiB"), mem)
-    before = w.pool.owners()
+    before = [o["held_chunks"] for o in w.pool.owners()]
+    stale_status()
     result = call(w)
-    assert result in (status, 0, None) or result == status, f"{name}: returned {result}"
+    assert result == returns, f"{name}: returned {result!r}, expected {returns!r}"
     assert N.last_status() == status, (name, N.last_status(), N.last_error())
     assert fragment in N.last_error(), (name, N.last_error())
-    assert [o["held_chunks"] for o in w.pool.owners()] == [o["held_chunks"] for o in before]
+    after = [o["held_chunks"] for o in w.pool.owners()]
+    if name == "release a chunk already released":  # the first, valid release of the row
+        before[w.owner] -= 1
+    assert after == before
     w.check()
     w.close()
 
@@ -130,6 +210,12 @@ PY_ROWS = [
     ("set_budget of 2^70", lambda w: w.pool.set_budget(2**70), ValueError, "2**63-1"),
     ("headroom of -1", lambda w: w.pool.set_headroom(-1), ValueError, ">= 0"),
     ("KV space of 2^40 pages", lambda w: PageSpace(w.pool, "huge", 2**40), ValueError, "pages"),
+    ("KV state of a page out of range", lambda w: w.space.state(4), ValueError, "out of range"),
+    ("pool budget of 2^64 + 1 GiB (ctypes would truncate)", lambda w: Pool("cpu", budget=2**64 + 2**30), ValueError,
+     "2**63-1"),
+    ("pool VA of 2^64 (ctypes would truncate)", lambda w: Pool("cpu", budget="64MiB", va_size=2**64), ValueError,
+     "2**63-1"),
+    ("pool VA of 2^50", lambda w: Pool("cpu", budget="64MiB", va_size=2**50), ValueError, "above the maximum"),
 ]
 
 

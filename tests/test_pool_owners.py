@@ -1,6 +1,8 @@
 """Several owners of one pool's chunks: the ledger, and reclaim in both directions."""
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from ellm_alloc import OutOfMemoryError
@@ -11,6 +13,10 @@ CHUNK = 2 * MiB
 
 def owner(pool, name: str) -> dict:
     return next(o for o in pool.owners() if o["name"] == name and o["active"])
+
+
+def owner_named(pool, name: str) -> dict:
+    return next(o for o in pool.owners() if o["name"] == name)
 
 
 def assert_ledger(pool) -> None:
@@ -214,3 +220,81 @@ def test_unregistered_owner_is_not_asked_to_reclaim(make_pool):
         pool.malloc(MiB)
     assert kv.calls == 0
     pool.release(other, ids)
+
+
+# ---- owner lifetime: no reclaim callback runs on an owner once it is unregistered ----
+
+
+def test_unregister_waits_for_a_reclaim_callback_running_on_the_owner(make_pool):
+    """unregister_owner() returns only after a reclaim callback already running on that owner
+    has returned: the owner (a KV space, in C++) is freed right after unregistering, and a
+    callback still inside it would use freed memory (the use-after-free of issue 16)."""
+    pool = make_pool("16MiB")
+    inside, let_go = threading.Event(), threading.Event()
+    events: list[str] = []
+
+    def slow_reclaim(want):
+        inside.set()
+        let_go.wait(10)
+        events.append("callback returned")
+        return 0
+
+    slow = pool.register_owner("slow", reclaim=slow_reclaim)
+    hungry = KvOwner(pool, "hungry")
+    asker = threading.Thread(target=lambda: pytest.raises(OutOfMemoryError, hungry.acquire, 9))
+    asker.start()  # 9 chunks of 8: the pool asks every other owner, "slow" included
+    assert inside.wait(10), "the reclaim callback never ran"
+
+    def unregister():
+        pool.unregister_owner(slow)
+        events.append("unregistered")
+
+    leaver = threading.Thread(target=unregister)
+    leaver.start()
+    leaver.join(0.3)
+    assert leaver.is_alive(), "unregister_owner returned while a callback was still running on the owner"
+    let_go.set()
+    leaver.join(10)
+    asker.join(10)
+    assert events == ["callback returned", "unregistered"]
+    assert not owner_named(pool, "slow")["active"]
+    assert_ledger(pool)
+    pool.unregister_owner(hungry.id)
+
+
+def test_owner_cannot_unregister_inside_its_own_reclaim_callback(make_pool):
+    """A callback unregistering its own owner would wait for itself forever: it is refused
+    with a ValueError, and the owner stays registered."""
+    pool = make_pool("16MiB")
+    refusals: list[str] = []
+
+    def leave_now(want):
+        try:
+            pool.unregister_owner(me)
+        except ValueError as e:
+            refusals.append(str(e))
+        return 0
+
+    me = pool.register_owner("leaver", reclaim=leave_now)
+    hungry = KvOwner(pool, "hungry")
+    with pytest.raises(OutOfMemoryError):
+        hungry.acquire(9)
+    assert refusals and "inside its own reclaim callback" in refusals[0]
+    assert owner_named(pool, "leaver")["active"]
+    pool.unregister_owner(me)  # outside the callback it may leave
+    assert not owner_named(pool, "leaver")["active"]
+    assert_ledger(pool)
+    pool.unregister_owner(hungry.id)
+
+
+def test_acquire_and_release_for_an_unregistered_owner_are_refused(pool):
+    """An owner that left can neither take nor give chunks: the ledger keeps balancing."""
+    kv = KvOwner(pool)
+    ids = kv.acquire(2)
+    kv.release_all()
+    pool.unregister_owner(kv.id)
+    with pytest.raises(ValueError, match=f"no active owner {kv.id}"):
+        pool.acquire(kv.id, 1)
+    with pytest.raises(ValueError, match="no active owner"):
+        pool.release(kv.id, ids)
+    assert_ledger(pool)

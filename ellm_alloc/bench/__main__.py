@@ -204,16 +204,20 @@ def main(argv: list[str] | None = None) -> int:
         from ..kv.spec import ModelKVSpec
         from . import kv as kvbench
 
-        model = get_preset(args.model) if args.model else ModelKVSpec.from_json(args.spec)
         workloads = args.workload or sorted(str(p) for p in kvbench.WORKLOADS.glob("*.json"))
         if not workloads:
             ap.error("no workload given and none shipped under benchmarks/workloads/")
         reports = []
-        for w in workloads:
+        try:  # a malformed spec, workload or budget is reported in one line, as by `generate`
+            model = get_preset(args.model) if args.model else ModelKVSpec.from_json(args.spec)
             budget = parse_size(args.budget, "budget") if args.budget else None
-            r = kvbench.run(model, w, budget, args.block_size)
-            kvbench.print_report(r)
-            reports.append(r)
+            for w in workloads:
+                r = kvbench.run(model, w, budget, args.block_size)
+                kvbench.print_report(r)
+                reports.append(r)
+        except (ValueError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         if args.json:
             print(json.dumps(reports[0] if len(reports) == 1 else {"reports": reports}))
         return 0

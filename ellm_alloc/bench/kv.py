@@ -49,7 +49,7 @@ class WorkItem:
 # Limits on a workload file: beyond them it is a mistake, not a workload (and
 # making its token ids would exhaust memory).
 MAX_REQUEST_TOKENS = 1 << 22  # 4M tokens of prompt or of output per request
-MAX_WORKLOAD_TOKENS = 1 << 26
+MAX_WORKLOAD_TOKENS = 1 << 24  # 16M tokens, 15x the largest shipped workload; ~0.6 GB of token ids
 MAX_ARRIVAL = 1 << 30
 
 
@@ -67,14 +67,12 @@ def _field(path, i: int, r: dict, key: str, lo: int, hi: int, default=None) -> i
     return v
 
 
-def load_workload(path: str | Path, vocab: int = 32000) -> tuple[str, list[WorkItem]]:
-    """Reads a workload JSON and makes its token ids (deterministic)."""
-    with open(path) as f:
-        doc = json.load(f)
+def _checked_requests(path, doc) -> list[tuple[int, int, int, str | None, int]]:
+    """Every request's (arrival, prompt, output, prefix, prefix_len), checked field by field and in
+    total before a single token id is made, so a workload too large is refused at once."""
     if not isinstance(doc, dict) or not isinstance(doc.get("requests"), list) or not doc["requests"]:
         raise ValueError(f"{path}: expected {{'name': ..., 'requests': [...]}} with at least one request")
-    items = []
-    prefixes: dict[str, list[int]] = {}
+    out = []
     total = 0
     for i, r in enumerate(doc["requests"]):
         if not isinstance(r, dict):
@@ -85,13 +83,30 @@ def load_workload(path: str | Path, vocab: int = 32000) -> tuple[str, list[WorkI
         total += plen + olen
         if total > MAX_WORKLOAD_TOKENS:
             raise ValueError(f"{path}: the requests up to {i} hold more than {MAX_WORKLOAD_TOKENS} tokens in all")
-        rng = random.Random(i * 7919 + 1)
         prefix = r.get("prefix")
-        shared: list[int] = []
         if prefix is not None and not isinstance(prefix, str):
             raise ValueError(f"{path}: request {i}: 'prefix' must be a string name or null, got {prefix!r}")
+        plen_shared = 0
         if prefix is not None:
             plen_shared = min(_field(path, i, r, "prefix_len", 0, MAX_REQUEST_TOKENS, default=0), plen - 1)
+        out.append((arrival, plen, olen, prefix, plen_shared))
+    return out
+
+
+def load_workload(path: str | Path, vocab: int = 32000) -> tuple[str, list[WorkItem]]:
+    """Reads a workload JSON and makes its token ids (deterministic)."""
+    with open(path) as f:
+        doc = json.load(f)
+    requests = _checked_requests(path, doc)
+    name = doc.get("name", Path(path).stem)
+    if not isinstance(name, str):
+        raise ValueError(f"{path}: 'name' must be a string, got {name!r}")
+    items = []
+    prefixes: dict[str, list[int]] = {}
+    for i, (arrival, plen, olen, prefix, plen_shared) in enumerate(requests):
+        rng = random.Random(i * 7919 + 1)
+        shared: list[int] = []
+        if prefix is not None:
             if prefix not in prefixes:
                 prng = random.Random(f"prefix:{prefix}")
                 prefixes[prefix] = [prng.randrange(vocab) for _ in range(max(plen_shared, 1))]
@@ -103,7 +118,7 @@ def load_workload(path: str | Path, vocab: int = 32000) -> tuple[str, list[WorkI
         prompt = shared + [rng.randrange(vocab) for _ in range(plen - len(shared))]
         output = [rng.randrange(vocab) for _ in range(olen)]
         items.append(WorkItem(i, arrival, prompt, output, (f"image{i}",)))
-    return doc.get("name", Path(path).stem), sorted(items, key=lambda w: (w.arrival, w.index))
+    return name, sorted(items, key=lambda w: (w.arrival, w.index))
 
 
 def static_shares(model, items: list[WorkItem]) -> dict[int, float]:

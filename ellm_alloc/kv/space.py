@@ -72,7 +72,11 @@ class PageSpace:
         return bool(r)
 
     def state(self, page: int) -> int:
-        return N.lib.ellm_kv_state(self.handle, page)
+        """0 unmapped, 1 pinned, 2 reclaimable; ValueError for a page out of range."""
+        r = N.lib.ellm_kv_state(self.handle, page)
+        if r < 0:
+            raise_for_status(-r)
+        return r
 
     def take_reclaimed(self) -> list[int]:
         out: list[int] = []
