@@ -9,8 +9,11 @@ audit: size overflows, owner API misuse, a huge KV space, NULL handles.
 from __future__ import annotations
 
 import ctypes
+import os
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ellm_alloc import OutOfMemoryError, Pool
 from ellm_alloc import _native as N
@@ -243,3 +246,69 @@ def test_set_budget_below_created_chunks_destroys_free_ones_and_keeps_the_ledger
     pool.validate()
     for p in ptrs[:4]:
         pool.free(p)
+
+
+# ---- any sequence of owner calls, valid or not, keeps the ledger ------------------------
+
+OWNER_CALL = st.one_of(
+    st.tuples(st.just("acquire"), st.sampled_from([-1, 1, 2, 3, 99]), st.integers(0, 12)),
+    st.tuples(st.just("release"), st.sampled_from([-1, 1, 2, 3, 99]), st.lists(st.integers(0, 40), max_size=5)),
+    st.tuples(st.just("release_held"), st.sampled_from([1, 2, 3]), st.integers(0, 4)),
+    st.tuples(st.just("set_budget"), st.just(0), st.sampled_from([0, 100, 2 * MiB, 8 * MiB, 24 * MiB, 64 * MiB])),
+    st.tuples(st.just("unregister"), st.sampled_from([-1, 1, 2, 3, 99]), st.just(0)),
+    st.tuples(st.just("handle"), st.just(0), st.integers(0, 2**32 - 1)),
+)
+
+
+@settings(max_examples=int(os.environ.get("ELLM_STATEFUL_EXAMPLES", 60)), deadline=None)
+@given(calls=st.lists(OWNER_CALL, max_size=25))
+def test_owner_calls_in_any_order_keep_the_ledger(calls):
+    """Random owner calls through the C ABI, valid ones mixed with misuse (unknown owners, ids
+    never held or held by another, budgets below what is held, leaving while holding): each
+    call either does exactly what a model of the owners' chunks says or is refused with a
+    message, and after each one validate() passes and every owner's held count matches."""
+    with Pool("cpu", budget="64MiB") as pool:
+        h = pool.handle
+        owners = {pool.register_owner(f"o{i}"): set() for i in range(3)}  # owner -> chunk ids it holds
+        assert sorted(owners) == [1, 2, 3]
+        for kind, who, arg in calls:
+            live = who in owners
+            if kind == "acquire":
+                out = ids(*([0] * max(arg, 1)))
+                r = N.lib.ellm_pool_acquire(h, who, arg, out)
+                if r == N.OK:
+                    got = set(out[:arg])
+                    assert live and len(got) == arg and not got & set().union(*owners.values())
+                    owners[who] |= got
+                else:
+                    assert r in (N.INVALID_ARGUMENT, N.OUT_OF_MEMORY) and N.last_error()
+                    assert live or r == N.INVALID_ARGUMENT
+            elif kind in ("release", "release_held"):
+                chosen = sorted(owners.get(who, ()))[:arg] if kind == "release_held" else arg
+                r = N.lib.ellm_pool_release(h, who, len(chosen), ids(*chosen))
+                valid = live and len(set(chosen)) == len(chosen) and set(chosen) <= owners[who]
+                assert (r == N.OK) == valid, (kind, who, chosen, r, N.last_error())
+                if valid:
+                    owners[who] -= set(chosen)
+                else:
+                    assert "nothing was released" in N.last_error()
+            elif kind == "set_budget":
+                held = sum(len(c) for c in owners.values())
+                r = N.lib.ellm_pool_set_budget(h, arg)
+                assert (r == N.OK) == (arg >= max(held * 2 * MiB, 2 * MiB)), (arg, held, r, N.last_error())
+            elif kind == "unregister":
+                r = N.lib.ellm_pool_unregister_owner(h, who)
+                assert (r == N.OK) == (live and not owners[who]), (who, r, N.last_error())
+                if r == N.OK:
+                    del owners[who]
+            else:
+                handle = N.lib.ellm_pool_chunk_handle(h, arg)
+                if N.last_status() != N.OK:
+                    assert handle == 0 and "does not exist" in N.last_error()
+            pool.validate()
+            held = {o["owner"]: o["held_chunks"] for o in pool.owners()}
+            assert all(held[o] == len(c) for o, c in owners.items())
+        for o, chunks in owners.items():
+            pool.release(o, sorted(chunks))
+            pool.unregister_owner(o)
+        pool.validate()
