@@ -29,29 +29,45 @@ test: $(STAMP)
 
 # The core under AddressSanitizer + UndefinedBehaviorSanitizer (the C-level
 # stress test, then the pool, arena, KV and thread tests from Python with the
-# sanitized library preloaded), and the stress test under ThreadSanitizer.
-# Suppressions for Python itself: tests/sanitize/lsan.supp.
+# sanitized library), and the stress test under ThreadSanitizer.
+# Python itself is not built with ASan, so its runtime must be loaded first
+# (LD_PRELOAD) for the sanitized library to load at all; ELLM_ALLOC_LIB makes
+# ellm_alloc/_native.py load that library instead of the installed one.
+# LeakSanitizer reports CPython's, torch's and OpenSSL's never-freed
+# process-lifetime allocations: tests/sanitize/lsan.supp suppresses them, and
+# says why; the library's own leaks are checked by the stress test, where
+# nothing else allocates.
 SAN_DIR := build-sanitize
 SAN_FLAGS := -std=c++17 -O1 -g -fno-omit-frame-pointer -fno-sanitize-recover=undefined
+SAN_SRC := $(wildcard csrc/*)
 SAN_TESTS := tests/test_pool_owners.py tests/test_arena_stateful.py tests/test_bad_input.py \
 	tests/test_c_abi_bad_input.py tests/test_faults.py tests/test_threads.py tests/test_streams.py \
 	tests/test_fork.py tests/test_byte_tensor.py tests/test_kv_balloon.py tests/test_kv_straddling.py \
 	tests/test_kv_threads.py tests/test_kv_contiguous.py tests/test_kv_bad_input.py
 
-test-sanitize: $(STAMP)
+$(SAN_DIR)/libellm_alloc_core.so: $(SAN_SRC)
 	@mkdir -p $(SAN_DIR)
 	g++ $(SAN_FLAGS) -fsanitize=address,undefined -shared -fPIC -fvisibility=hidden -x c++ csrc/allocator.cu \
-	  -o $(SAN_DIR)/libellm_alloc_core.so -ldl -lpthread
+	  -o $@ -ldl -lpthread
+$(SAN_DIR)/kv_stress_asan: $(SAN_SRC) tests/csrc/kv_stress.cpp
+	@mkdir -p $(SAN_DIR)
 	g++ $(SAN_FLAGS) -fsanitize=address,undefined -x c++ csrc/allocator.cu -x none tests/csrc/kv_stress.cpp \
-	  -o $(SAN_DIR)/kv_stress_asan -ldl -lpthread
+	  -o $@ -ldl -lpthread
+$(SAN_DIR)/kv_stress_tsan: $(SAN_SRC) tests/csrc/kv_stress.cpp
+	@mkdir -p $(SAN_DIR)
 	g++ $(SAN_FLAGS) -fsanitize=thread -x c++ csrc/allocator.cu -x none tests/csrc/kv_stress.cpp \
-	  -o $(SAN_DIR)/kv_stress_tsan -ldl -lpthread
+	  -o $@ -ldl -lpthread
+
+SAN_ENV := LD_PRELOAD="$$(g++ -print-file-name=libasan.so) $$(g++ -print-file-name=libubsan.so)" \
+	  ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 LSAN_OPTIONS=suppressions=tests/sanitize/lsan.supp \
+	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 ELLM_ALLOC_LIB=$(SAN_DIR)/libellm_alloc_core.so
+
+test-sanitize: $(STAMP) $(SAN_DIR)/libellm_alloc_core.so $(SAN_DIR)/kv_stress_asan $(SAN_DIR)/kv_stress_tsan
 	$(SAN_DIR)/kv_stress_asan 5
 	TSAN_OPTIONS=halt_on_error=1 $(SAN_DIR)/kv_stress_tsan 5
-	LD_PRELOAD="$$(g++ -print-file-name=libasan.so) $$(g++ -print-file-name=libubsan.so)" \
-	  ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 LSAN_OPTIONS=suppressions=tests/sanitize/lsan.supp \
-	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 ELLM_ALLOC_LIB=$(SAN_DIR)/libellm_alloc_core.so \
-	  ELLM_STATEFUL_EXAMPLES=40 $(BIN)/python -m pytest -q -p no:cacheprovider $(SAN_TESTS)
+	$(SAN_ENV) $(BIN)/python -c "import ellm_alloc._native as N; \
+	  assert N.LIB_PATH.endswith('$(SAN_DIR)/libellm_alloc_core.so'), N.LIB_PATH"
+	$(SAN_ENV) ELLM_STATEFUL_EXAMPLES=40 $(BIN)/python -m pytest -q -p no:cacheprovider $(SAN_TESTS)
 
 test-gpu: $(STAMP)
 	$(BIN)/python -m pytest -q tests/gpu
