@@ -397,10 +397,19 @@ int ellm_pool_set_budget(ellm_pool* pool, size_t budget_bytes) {
   size_t chunk = pool->pool->chunk_bytes();
   if (budget_bytes < chunk)
     return fail(kInvalidArgument, "budget " + human(budget_bytes) + " is smaller than one chunk (" + human(chunk) + ")");
-  if (pool->pool->set_budget(budget_bytes) != kOk)
+  int r = guard("set_budget", int(kOutOfMemory), [&] {
+    if (pool->pool->set_budget(budget_bytes) == kOk) return int(kOk);
+    // Owners hold more than the new budget: first take back what holds no
+    // live data (the arena's cached chunks, reclaimable KV pages), as an
+    // acquire would, then try again.
+    size_t want = budget_bytes / chunk, held = pool->pool->held_chunks();
+    if (held > want) pool->pool->reclaim_from_others(kNoOwner, held - want);
+    return pool->pool->set_budget(budget_bytes);
+  });
+  if (r != kOk)
     return fail(kInvalidArgument, "budget " + human(budget_bytes) + " is below the " +
                                       std::to_string(pool->pool->held_chunks()) + " chunks owners hold (" +
-                                      human(pool->pool->held_chunks() * chunk) + "); free memory first");
+                                      human(pool->pool->held_chunks() * chunk) + ") in use; free memory first");
   pool->budget_bytes = budget_bytes / chunk * chunk;
   return kOk;
 }

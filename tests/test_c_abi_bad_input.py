@@ -312,3 +312,22 @@ def test_owner_calls_in_any_order_keep_the_ledger(calls):
             pool.release(o, sorted(chunks))
             pool.unregister_owner(o)
         pool.validate()
+
+
+def test_set_budget_takes_back_the_arena_cache_before_refusing(make_pool, mem):
+    """Chunks the arena only caches (freed blocks, still mapped) hold no live data: a budget below
+    them is met by taking them back, as an acquire would; the live block stays intact."""
+    pool = make_pool("64MiB")
+    live = pool.malloc(3 * MiB)  # two chunks at least
+    mem.fill(live, 3 * MiB, tag=5)
+    for p in [pool.malloc(4 * MiB) for _ in range(6)]:
+        pool.free(p)  # 12 more chunks, cached by the arena
+    assert pool.stats()["reserved_bytes"] >= 12 * MiB
+    pool.set_budget("6MiB")
+    s = pool.stats()
+    assert s["budget_bytes"] == 6 * MiB and s["created_chunks"] <= 3 and 4 * MiB <= s["reserved_bytes"] <= 6 * MiB
+    assert mem.intact(live, 3 * MiB, tag=5)
+    pool.validate()
+    with pytest.raises(ValueError, match="in use; free memory first"):
+        pool.set_budget("2MiB")  # below the live block's chunks
+    pool.free(live)
