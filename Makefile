@@ -28,8 +28,9 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 # The core under AddressSanitizer + UndefinedBehaviorSanitizer (the C-level
-# stress test, then the pool, arena, KV and thread tests from Python with the
-# sanitized library), and the stress test under ThreadSanitizer.
+# owner-lifetime checks and stress test, then the pool, arena, KV and thread
+# tests from Python with the sanitized library), and the stress test under
+# ThreadSanitizer.
 # Python itself is not built with ASan, so its runtime must be loaded first
 # (LD_PRELOAD) for the sanitized library to load at all; ELLM_ALLOC_LIB makes
 # ellm_alloc/_native.py load that library instead of the installed one.
@@ -58,11 +59,18 @@ $(SAN_DIR)/kv_stress_tsan: $(SAN_SRC) tests/csrc/kv_stress.cpp
 	g++ $(SAN_FLAGS) -fsanitize=thread -x c++ csrc/allocator.cu -x none tests/csrc/kv_stress.cpp \
 	  -o $@ -ldl -lpthread
 
+# Linked against the sanitized library above: no second ASan build of the core.
+$(SAN_DIR)/owner_lifetime: tests/csrc/owner_lifetime.cpp $(SAN_DIR)/libellm_alloc_core.so
+	g++ $(SAN_FLAGS) -fsanitize=address,undefined tests/csrc/owner_lifetime.cpp -o $@ \
+	  -L$(SAN_DIR) -lellm_alloc_core -Wl,-rpath,'$$ORIGIN' -lpthread
+
 SAN_ENV := LD_PRELOAD="$$(g++ -print-file-name=libasan.so) $$(g++ -print-file-name=libubsan.so)" \
 	  ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 LSAN_OPTIONS=suppressions=tests/sanitize/lsan.supp \
 	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 ELLM_ALLOC_LIB=$(SAN_DIR)/libellm_alloc_core.so
 
-test-sanitize: $(STAMP) $(SAN_DIR)/libellm_alloc_core.so $(SAN_DIR)/kv_stress_asan $(SAN_DIR)/kv_stress_tsan
+test-sanitize: $(STAMP) $(SAN_DIR)/libellm_alloc_core.so $(SAN_DIR)/kv_stress_asan $(SAN_DIR)/kv_stress_tsan \
+	$(SAN_DIR)/owner_lifetime
+	$(SAN_DIR)/owner_lifetime
 	$(SAN_DIR)/kv_stress_asan 5
 	TSAN_OPTIONS=halt_on_error=1 $(SAN_DIR)/kv_stress_tsan 5
 	$(SAN_ENV) $(BIN)/python -c "import ellm_alloc._native as N; \
