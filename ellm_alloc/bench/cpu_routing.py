@@ -102,9 +102,9 @@ def run(batch: int = 8, prompt_len: int = 512, new_tokens: int = 128, rounds: in
             if proc.returncode != 0:
                 raise RuntimeError(f"the {m} worker failed:\n{proc.stderr[-3000:]}")
             by_mode[m].append(json.loads(proc.stdout.splitlines()[-1]))
-    runs = {m: [t for w in by_mode[m] for t in w["tokens_per_s"]] for m in MODES}
-    tps = {m: max(runs[m]) for m in MODES}
-    median = {m: statistics.median(runs[m]) for m in MODES}
+    every_run = {m: [t for w in by_mode[m] for t in w["tokens_per_s"]] for m in MODES}
+    tps = {m: max(every_run[m]) for m in MODES}
+    median = {m: statistics.median(every_run[m]) for m in MODES}
     last_pool = by_mode["pool"][-1]
     return {
         "workload": {**params, "model": "random-weight Llama shape", "model_config": MODEL,
@@ -115,7 +115,7 @@ def run(batch: int = 8, prompt_len: int = 512, new_tokens: int = 128, rounds: in
         "median_tokens_per_s_native": median["native"],
         "median_tokens_per_s_pool": median["pool"],
         "median_throughput_ratio_pool_to_native": round(median["pool"] / median["native"], 4),
-        "runs_tokens_per_s": runs,
+        "runs_tokens_per_s": every_run,
         "tokens_identical": all(w["tokens"] == by_mode["native"][0]["tokens"] for m in MODES for w in by_mode[m]),
         "peak_mapped_bytes": last_pool["peak_mapped_bytes"],
         "peak_live_bytes": last_pool["peak_live_bytes"],
