@@ -93,7 +93,7 @@ except ImportError:  # pragma: no cover - older transformers
             self.keys = self.values = None
 
         def update(self, key_states, value_states, *args, **kwargs):
-            raise NotImplementedError("this layer keeps no cache")
+            raise RuntimeError("this layer keeps no cache (shared-KV or attention-free): update() is a misuse")
 
         def offload(self): ...
         def prefetch(self): ...
