@@ -100,7 +100,10 @@ def nvml_view(index: int = 0) -> dict | None:
 def _ledger(pool) -> dict:
     st = pool.stats()
     chunk = st["chunk_bytes"]
-    owners = {o["name"]: o["held_chunks"] * chunk for o in pool.owners() if o["active"]}
+    owners: dict[str, int] = {}
+    for o in pool.owners():  # owners may share a name (ElasticCache's full layers: "hf.full"): summed
+        if o["active"]:
+            owners[o["name"]] = owners.get(o["name"], 0) + o["held_chunks"] * chunk
     return {
         "owners": owners,
         "free": st["free_chunks"] * chunk,

@@ -308,7 +308,8 @@ def test_errors(pool):
     jamba = JambaConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                         num_key_value_heads=2, intermediate_size=128, attn_layer_period=2,
                         attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1)
-    with pytest.raises(ValueError, match=r"unsupported layers: 0 \(mamba\)"):
+    with pytest.raises(ValueError, match=r"cannot hold every layer of jamba: layer 0 \(.linear_attention.: "
+                                         r"transformers. LinearAttentionLayer, needs update_conv_state"):
         ElasticCache(jamba, max_batch_size=1, max_cache_len=64)
 
 

@@ -398,6 +398,21 @@ OLD_CONFIGS = [
                                  attn_layer_period=2, attn_layer_offset=0), expand("FMFM", F=F, M=J_MAMBA)),
     ("llama-torch-dtype", _old("llama", num_hidden_layers=1, torch_dtype="float16"),
      [FullAttentionSpec(2, 16, "float16")]),
+    # Any model type without a rule of its own: layer_types (its length is the
+    # number of cache layers), else sliding_window / attention_chunk_size.
+    ("unknown-type-layer-types-fewer", _old("some_lm", num_hidden_layers=3, sliding_window=8,
+                                           layer_types=["full_attention", "sliding_attention"]),
+     expand("FS", F=F, S=S8)),
+    ("unknown-type-layer-types-more", _old("some_lm", num_hidden_layers=1, attention_chunk_size=32,
+                                          layer_types=["chunked_attention", "full_attention", "attention"]),
+     expand("CFF", F=F, C=C32)),
+    ("unknown-type-sliding-window", _old("some_lm", num_hidden_layers=2, sliding_window=8), expand("SS", S=S8)),
+    ("unknown-type-window-off", _old("some_lm", num_hidden_layers=2, sliding_window=8, use_sliding_window=False),
+     expand("FF", F=F)),
+    ("unknown-type-chunked", _old("some_lm", num_hidden_layers=2, attention_chunk_size=32), expand("CC", C=C32)),
+    ("unknown-type-shared-kv-and-moe", _old("some_lm", num_hidden_layers=4, kv_sharing_modes=[None, None, "reuse", None],
+                                           layer_types=["full_attention", "moe", "full_attention", "full_attention"]),
+     expand("FF", F=F)),
 ]
 
 
@@ -440,9 +455,12 @@ def test_mllama_vision_tokens_and_text_only_config():
 
 
 @pytest.mark.parametrize("cfg,match", [
-    (SimpleNamespace(model_type="gpt2"), r"unsupported model_type 'gpt2'; supported: .*llama.*mistral"),
-    (SimpleNamespace(), r"unsupported model_type None"),
-    (_old("qwen2", num_hidden_layers=3, layer_types=["full_attention"] * 2), r"layer_types has 2 entries for 3 layers"),
+    (SimpleNamespace(model_type="gpt2"), r"gpt2: num_hidden_layers must be a positive int, got None"),
+    (SimpleNamespace(), r"None: num_hidden_layers must be a positive int"),
+    (_old("some_lm", num_hidden_layers=1, num_attention_heads=None), r"some_lm: the config has no num_attention_heads"),
+    (_old("some_hybrid", num_hidden_layers=2, layer_types=["linear_attention", "full_attention"]),
+     r"layer 0 is 'linear_attention', and from_hf_config has no rule for the recurrent state shape of some_hybrid"),
+    (_old("some_lm", num_hidden_layers=2, layer_types=["moe", "mlp"]), r"some_lm: no layer keeps a cache"),
     (_old("gemma2", num_hidden_layers=1, head_dim=16, sliding_window=8, layer_types=["window_attention"]),
      r"layer 0 has unsupported layer type 'window_attention'"),
     (_old("llama", num_hidden_layers=0), r"num_hidden_layers must be a positive int"),

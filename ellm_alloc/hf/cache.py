@@ -33,10 +33,16 @@ is ever read. Because the returned length changes each step, the cache is
 not torch.compile-able (is_compileable is False; use StaticCache for
 compiled decoding).
 
-Layer support: full, sliding and chunked attention layers, as
-`ellm_alloc.kv.hf_config.from_hf_config` reads them from the config. Models
-with Mamba / linear-attention, cross-attention or MLA layers are refused at
-construction with a ValueError naming the layers.
+Layer support, for any model type: the layer kinds are read from the config
+as transformers reads them (`ellm_alloc.kv.hf_config.cache_layer_kinds`:
+layer_types, else sliding_window / attention_chunk_size, shared-KV and
+attention-free layers keeping nothing), and each layer's heads, head dims
+(K's and V's may differ, as in MLA models) and dtype are those of its first
+update(). Each attention layer has a PageSpace of its own (pool owner
+"hf.full" for every full layer, "hf.sliding<i>" for sliding ones). Layer types that need more than update()
+(linear-attention / Mamba states, DSA indexers, compressed attention) are
+refused at construction with a ValueError naming the layer, transformers'
+layer class and the method it needs.
 
 Batches: generate() may use up to max_batch_size sequences (beam search and
 num_return_sequences count: pass batch * num_beams). All sequences of the
@@ -47,8 +53,8 @@ between the per-sequence ranges in place.
 Memory: by default the pool `ellm_alloc.enable()` routes the model's device
 to (CUDA, or CPU: then weights, activations and KV share one pool); a CPU
 model without enable() gets a host pool of the cache's own (budget=
-argument, default: the cache's worst case, so it never refuses while still
-only committing the chunks in use). Or pass `pool=`. The device, dtype and head shapes are
+argument, default: the machine's memory, a cap: the pool only commits the
+chunks in use). Or pass `pool=`. The device, dtype and head shapes are
 taken from the first update(). Tensors returned by update() are views of the
 cache's memory: do not read them after reset(), crop() or close().
 
@@ -59,31 +65,46 @@ get_max_cache_shape() is provided next to get_max_length().
 """
 from __future__ import annotations
 
+import os
 import weakref
 from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from ..kv.contiguous import ContiguousKV
-from ..kv.hf_config import from_hf_config
-from ..kv.spec import ChunkedLocalSpec, ModelKVSpec, SlidingWindowSpec
+from ..kv.hf_config import CacheLayerKind, cache_layer_kinds, text_config
 from ..pool import Pool
+from .storage import StateSlots, TokenRanges
 
 __all__ = ["ElasticCache"]
 
-_HOST_CHUNK = 2 << 20  # host pools' chunk (the granularity) when we create the pool
-_SUPPORTED = ("full", "sliding", "chunked")
+try:  # transformers >= 5.2x: the layer it gives shared-KV and attention-free layers
+    from transformers.cache_utils import DummyLayer as _NoCacheLayer
+except ImportError:  # pragma: no cover - older transformers
+    class _NoCacheLayer:  # type: ignore[no-redef]
+        """A layer that keeps nothing (shared-KV consumers, MoE/MLP-only layers)."""
 
+        supports_early_init = False
+        is_compileable = True
+        is_croppable = True
 
-def _text_config(config: Any) -> Any:
-    get = getattr(config, "get_text_config", None)
-    if get is None:
-        return config
-    try:
-        return get(decoder=True)
-    except TypeError:
-        return get()
+        def __init__(self, **kwargs):
+            self.is_initialized = True
+            self.keys = self.values = None
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            raise RuntimeError("this layer keeps no cache (shared-KV or attention-free): update() is a misuse")
+
+        def offload(self): ...
+        def prefetch(self): ...
+        def reset(self): ...
+        def crop(self, tokens_to_remove: int): ...
+        def reorder_cache(self, beam_idx): ...
+        def batch_repeat_interleave(self, repeats: int): ...
+        def batch_select_indices(self, indices): ...
+
+        def get_max_length(self):
+            return -1
 
 
 def _query_length(q: Any) -> int:
@@ -93,70 +114,59 @@ def _query_length(q: Any) -> int:
     return int(q)
 
 
-def _cache_spec(spec: ModelKVSpec) -> ModelKVSpec:
-    """The spec ContiguousKV holds: chunked layers become sliding windows of
-    chunk_size tokens, which is how transformers caches them."""
-    layers = tuple(
-        SlidingWindowSpec(s.kv_heads, s.head_dim, s.dtype, window=s.chunk_size)
-        if isinstance(s, ChunkedLocalSpec) else s
-        for s in spec.layers
-    )
-    return ModelKVSpec(spec.name, layers)
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):  # pragma: no cover - non-Linux
+        return 64 << 30
 
 
-class _Store:
-    """One ContiguousKV and the (batch, tokens) it is mapped for. fit() is
-    idempotent, so every layer sharing a store may call it."""
+# What transformers' cache layers need beyond update(), for the refusal message
+# of a layer type ElasticCache does not hold.
+_NEEDS = {
+    "indexed_attention": "update_indexer",
+    "heavily_compressed_attention": "its compressed-attention update()",
+    "compressed_sparse_attention": "its compressed-attention update()",
+}
 
-    def __init__(self, kv: ContiguousKV):
-        self.kv = kv
-        self.shape = (0, 0)
 
-    def fit(self, batch: int, num_tokens: int) -> None:
-        if self.shape == (batch, num_tokens):
-            return
-        kv = self.kv
-        for seq in range(kv.max_batch):
-            want = num_tokens if seq < batch else 0
-            if kv.lengths[seq] != want:
-                kv.ensure(seq, want)
-        self.shape = (batch, num_tokens)
+def _transformers_layer_class(layer_type: str) -> str:
+    try:
+        from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING
+    except ImportError:  # pragma: no cover - older transformers
+        return "an unknown cache layer class"
+    cls = DYNAMIC_LAYER_TYPE_MAPPING.get(layer_type)
+    return cls.__name__ if cls is not None else "no cache layer class"
 
 
 class _Backing:
-    """What the layers share: sizes, the pool and the stores. Built at the
-    first update (or early_initialization), torn down by close()."""
+    """What the layers of one cache share: the sizes, the pool (chosen at the
+    first update, from the model's device) and every layer's storage, closed
+    together by close() or garbage collection."""
 
-    def __init__(self, config: Any, spec: ModelKVSpec, max_batch: int, max_len: int,
-                 pool: Pool | None, budget: Any):
-        self.config = config
-        self.spec = spec
+    def __init__(self, max_batch: int, max_len: int, pool: Pool | None, budget: Any):
         self.max_batch = max_batch
         self.max_len = max_len
         self.pool = pool
         self.budget = budget
         self.own_pool = False
-        self.stores: list[_Store] = []
-        self.layer_store: dict[int, _Store] = {}
+        self.stores: list[TokenRanges | StateSlots] = []
         self.device: torch.device | None = None
-        self.dtype: torch.dtype | None = None
         self.closed = False
 
-    @property
-    def built(self) -> bool:
-        return self.device is not None
+    def pool_for(self, device: torch.device) -> Pool:
+        if self.closed:
+            raise RuntimeError("ElasticCache is closed")
+        if self.device is not None:
+            if device != self.device:
+                raise ValueError(f"ElasticCache: states on {device}, but the cache is on {self.device} "
+                                 "(one cache serves one device)")
+            return self.pool
+        self.pool = self._pick_pool(device)
+        self.device = device
+        return self.pool
 
-    def _worst_case_bytes(self, spec: ModelKVSpec, chunk: int) -> int:
-        total = 0
-        for s in spec.layers:
-            tb = s.kv_heads * s.head_dim * s.itemsize
-            per_seq = -(-self.max_len * tb // chunk)
-            if s.kind == "sliding":
-                per_seq = min(per_seq, -(-s.window * tb // chunk) + 1)
-            total += 2 * self.max_batch * per_seq * chunk
-        return max(total, chunk)
-
-    def _pick_pool(self, device: torch.device, spec: ModelKVSpec) -> Pool:
+    def _pick_pool(self, device: torch.device) -> Pool:
         if self.pool is not None:
             pool = self.pool
             want = "host" if device.type == "cpu" else "cuda"
@@ -165,12 +175,16 @@ class _Backing:
                 raise ValueError(f"ElasticCache: the pool ({pool.backend}:{pool.device}) is not on the "
                                  f"model's device {device}")
             return pool
-        from ..integrations.torch_allocator import device_pool, enabled, enabled_device
+        from ..integrations.torch_allocator import device_pool, enabled_device
 
         if device.type == "cpu" and enabled_device() == "cpu":  # the pool torch's CPU tensors come from
             return device_pool()
         if device.type == "cpu":
-            budget = self.budget if self.budget is not None else self._worst_case_bytes(spec, _HOST_CHUNK)
+            # A host pool's budget is a cap, not a reservation: chunks are
+            # created as they are mapped. Without budget=, the cap is the
+            # machine's memory (the layers' shapes are only known one by one,
+            # at their first updates, so no tighter worst case exists here).
+            budget = self.budget if self.budget is not None else _physical_memory()
             self.own_pool = True
             return Pool("cpu", budget=budget)
         if device.type == "cuda":
@@ -182,51 +196,23 @@ class _Backing:
             return device_pool(device)
         raise ValueError(f"ElasticCache: unsupported device {device} (cpu or cuda)")
 
-    def build(self, key_states: torch.Tensor) -> None:
-        if self.closed:
-            raise RuntimeError("ElasticCache is closed")
-        device, dtype = key_states.device, key_states.dtype
-        spec = _cache_spec(from_hf_config(self.config, dtype=dtype))
-        pool = self._pick_pool(device, spec)
-        full = [i for i, s in enumerate(spec.layers) if s.kind == "full"]
-        stores: list[_Store] = []
-        try:
-            if full:  # full layers grow together: one space, one ensure per sequence and step
-                store = _Store(ContiguousKV(spec, pool, self.max_batch, self.max_len,
-                                            name="hf.full", layers=full))
-                stores.append(store)
-                for i in full:
-                    self.layer_store[i] = store
-            for i, s in enumerate(spec.layers):
-                if s.kind == "sliding":  # own space: a layer reads its old window before it slides
-                    store = _Store(ContiguousKV(spec, pool, self.max_batch, self.max_len,
-                                                name=f"hf.sliding{i}", layers=[i]))
-                    stores.append(store)
-                    self.layer_store[i] = store
-        except BaseException:
-            for st in stores:
-                st.kv.close()
-            if self.own_pool:
-                pool.close()
-                self.own_pool = False
-            self.layer_store.clear()
-            raise
-        self.spec, self.pool, self.stores = spec, pool, stores
-        self.device, self.dtype = device, dtype
+    def token_ranges(self, name: str, shapes, dtype: torch.dtype, device: torch.device) -> TokenRanges:
+        store = TokenRanges(self.pool_for(device), name, self.max_batch, self.max_len, shapes, dtype)
+        self.stores.append(store)
+        return store
 
-    def views(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """[max_batch, heads, max_len, dim] views of layer's K and V."""
-        kv = self.layer_store[layer].kv
-        return kv.key(layer).permute(0, 2, 1, 3), kv.value(layer).permute(0, 2, 1, 3)
+    def state_slots(self, name: str, shape, dtype: torch.dtype, device: torch.device) -> StateSlots:
+        store = StateSlots(self.pool_for(device), name, self.max_batch, shape, dtype)
+        self.stores.append(store)
+        return store
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
         for st in self.stores:
-            st.kv.close()
+            st.close()
         self.stores = []
-        self.layer_store = {}
         if self.own_pool and self.pool is not None:
             self.pool.close()
         self.pool = None
@@ -250,7 +236,7 @@ class ElasticLayer(CacheLayerMixin):
         self.max_cache_len = backing.max_len
         self.length = 0  # tokens seen (the position of the next token)
         self.batch = 0  # sequences in use
-        self._store: _Store | None = None
+        self._store: TokenRanges | None = None
 
     def __repr__(self) -> str:
         kind = f"sliding({self.window})" if self.is_sliding else "full"
@@ -259,26 +245,35 @@ class ElasticLayer(CacheLayerMixin):
     # ---- setup --------------------------------------------------------------------
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        b = self._backing
-        if not b.built:
-            b.build(key_states)
-        if key_states.device != b.device:
-            raise ValueError(f"ElasticCache layer {self.index}: states on {key_states.device}, "
-                             f"cache on {b.device}")
-        self._store = b.layer_store[self.index]
-        self.keys, self.values = b.views(self.index)
-        self.dtype, self.device = b.dtype, b.device
+        """Reserves the layer's ranges with the heads, head dims (K's and V's
+        may differ), dtype and device of these first states."""
+        if key_states.dim() != 4 or value_states.dim() != 4:
+            raise ValueError(f"ElasticCache layer {self.index}: key/value states must be "
+                             f"[batch, heads, tokens, head_dim], got {tuple(key_states.shape)} / "
+                             f"{tuple(value_states.shape)}")
+        if value_states.dtype != key_states.dtype or value_states.device != key_states.device:
+            raise ValueError(f"ElasticCache layer {self.index}: key and value states differ in dtype or device")
+        shapes = ((key_states.shape[1], key_states.shape[3]), (value_states.shape[1], value_states.shape[3]))
+        # Pool owner names: the full layers share "hf.full" (the ledger sums
+        # them), each sliding layer is "hf.sliding<i>" as before.
+        name = f"hf.sliding{self.index}" if self.is_sliding else "hf.full"
+        self._store = self._backing.token_ranges(name, shapes, key_states.dtype, key_states.device)
+        self.keys, self.values = self._store.views()
+        self.dtype, self.device = key_states.dtype, key_states.device
         self.is_initialized = True
 
     def _check_states(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        s = self._backing.spec.layers[self.index]
+        (hk, dk), (hv, dv) = self._store.shapes
         shape_k, shape_v = tuple(key_states.shape), tuple(value_states.shape)
-        if (key_states.dim() != 4 or shape_k[1] != s.kv_heads or shape_k[3] != s.head_dim
-                or shape_v != shape_k):
+        if (key_states.dim() != 4 or value_states.dim() != 4 or shape_k[1] != hk or shape_k[3] != dk
+                or shape_v[1] != hv or shape_v[3] != dv or shape_v[0] != shape_k[0] or shape_v[2] != shape_k[2]):
             raise ValueError(
-                f"ElasticCache layer {self.index}: expected key/value states of shape "
-                f"[batch, {s.kv_heads}, tokens, {s.head_dim}] (from the config), got {shape_k} / {shape_v}"
+                f"ElasticCache layer {self.index}: expected key states [batch, {hk}, tokens, {dk}] and value "
+                f"states [batch, {hv}, tokens, {dv}] (as at the first update), got {shape_k} / {shape_v}"
             )
+        if key_states.dtype != self.dtype or key_states.device != self.device:
+            raise ValueError(f"ElasticCache layer {self.index}: states are {key_states.dtype} on "
+                             f"{key_states.device}, the cache holds {self.dtype} on {self.device}")
         batch = shape_k[0]
         if batch > self._backing.max_batch:
             raise ValueError(
@@ -308,7 +303,7 @@ class ElasticLayer(CacheLayerMixin):
         past, end = self.length, self.length + q
         K, V = self.keys, self.values
         if not self.is_sliding:
-            self._store.fit(batch, end)
+            self._store.fit(batch, 0, end)
             K[:batch, :, past:end].copy_(key_states)
             V[:batch, :, past:end].copy_(value_states)
             self.length, self.batch = end, batch
@@ -319,7 +314,7 @@ class ElasticLayer(CacheLayerMixin):
         kept_from = max(end - w, 0)  # the oldest token the store keeps once it holds `end`
         if lo >= kept_from:
             # The store still holds every token attention needs: answer with a view.
-            self._store.fit(batch, end)
+            self._store.fit(batch, kept_from, end)
             K[:batch, :, past:end].copy_(key_states)
             V[:batch, :, past:end].copy_(value_states)
             self.length, self.batch = end, batch
@@ -329,7 +324,7 @@ class ElasticLayer(CacheLayerMixin):
         # the tokens of the new window.
         old_k = K[:batch, :, lo:past].clone()
         old_v = V[:batch, :, lo:past].clone()
-        self._store.fit(batch, end)
+        self._store.fit(batch, kept_from, end)
         first = max(past, kept_from)
         K[:batch, :, first:end].copy_(key_states[:, :, first - past:])
         V[:batch, :, first:end].copy_(value_states[:, :, first - past:])
@@ -355,16 +350,22 @@ class ElasticLayer(CacheLayerMixin):
 
     # ---- memory-level edits -----------------------------------------------------------
 
-    def _kept(self) -> tuple[int, int]:
-        """The token range this layer holds for every sequence."""
-        start = max(self.length - self.window, 0) if self.is_sliding else 0
-        return start, self.length
+    def _kept(self, length: int | None = None) -> tuple[int, int]:
+        """The token range this layer holds for every sequence (at `length` tokens)."""
+        length = self.length if length is None else length
+        start = max(length - self.window, 0) if self.is_sliding else 0
+        return start, length
+
+    def refit(self) -> None:
+        """Maps exactly what (batch, length) needs: drops sequences at or above batch."""
+        if self._store is not None:
+            self._store.fit(self.batch, *self._kept())
 
     def reset(self) -> None:
         self.length = 0
         self.batch = 0
         if self._store is not None:
-            self._store.fit(0, 0)
+            self._store.fit(0, 0, 0)
 
     def crop(self, tokens: int) -> None:
         """crop(-k) drops the last k tokens (5.2x); crop(n) with n > 0 keeps the
@@ -386,8 +387,7 @@ class ElasticLayer(CacheLayerMixin):
                     f"needed but only those from {self.length - self.window} are kept"
                 )
         self.length = target
-        if self._store is not None:
-            self._store.fit(self.batch, target)
+        self.refit()
 
     def _move_rows(self, src_rows: torch.Tensor) -> None:
         """Sequence i becomes old sequence src_rows[i], for i < len(src_rows)."""
@@ -429,7 +429,7 @@ class ElasticLayer(CacheLayerMixin):
         if new > self._backing.max_batch:
             raise ValueError(f"batch_repeat_interleave: {self.batch} x {repeats} = {new} sequences exceed "
                              f"max_batch_size={self._backing.max_batch}")
-        self._store.fit(new, self.length)  # maps the new sequences' ranges
+        self._store.fit(new, *self._kept())  # maps the new sequences' ranges
         self._move_rows(torch.arange(self.batch).repeat_interleave(repeats))
         self.batch = new
 
@@ -441,7 +441,7 @@ class ElasticLayer(CacheLayerMixin):
 
 
 class ElasticCache(Cache):
-    """A transformers Cache over ellm_alloc's ContiguousKV (see the module docstring).
+    """A transformers Cache whose K/V live in pool chunks (see the module docstring).
 
     config: the model's config (its text config is used for multimodal ones).
     max_batch_size: most sequences at once (beam search: batch * num_beams).
@@ -450,7 +450,8 @@ class ElasticCache(Cache):
     pool: the Pool to map chunks from (default: the pool ellm_alloc.enable()
         routes the model's device to; for a CPU model without enable(), a host
         pool of the cache's own).
-    budget: that own host pool's budget (default: the cache's worst case).
+    budget: that own host pool's budget (default: the machine's memory; it is
+        a cap, the pool only commits the chunks in use).
     """
 
     def __init__(self, config: Any, max_batch_size: int = 1, max_cache_len: int | None = None, *,
@@ -461,30 +462,19 @@ class ElasticCache(Cache):
                 or isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or max_cache_len <= 0):
             raise ValueError(f"max_batch_size and max_cache_len must be positive ints, got "
                              f"{max_batch_size!r}, {max_cache_len!r}")
-        text = _text_config(config)
-        spec = from_hf_config(text, dtype="float32")  # layer kinds now; the real dtype at the first update
-        bad = [f"{i} ({s.kind})" for i, s in enumerate(spec.layers) if s.kind not in _SUPPORTED]
-        if bad:
-            raise ValueError(
-                f"ElasticCache holds full, sliding and chunked attention layers only; "
-                f"{getattr(text, 'model_type', '?')} has unsupported layers: {', '.join(bad)}"
-            )
-        backing = _Backing(text, spec, max_batch_size, max_cache_len, pool, budget)
-        layers = []
-        for i, s in enumerate(spec.layers):
-            window = s.window if s.kind == "sliding" else s.chunk_size if s.kind == "chunked" else None
-            layers.append(ElasticLayer(backing, i, window))
-        super().__init__(layers=layers)
+        text = text_config(config)
+        kinds = cache_layer_kinds(text)
+        _refuse_unheld(kinds, getattr(text, "model_type", "?"))
+        backing = _Backing(max_batch_size, max_cache_len, pool, budget)
+        super().__init__(layers=[_make_layer(backing, i, k) for i, k in enumerate(kinds)])
         self._backing = backing
         # Unmap everything and close the spaces when the cache is collected.
         self._finalizer = weakref.finalize(self, _Backing.close, backing)
 
-    # ---- whole-cache operations -----------------------------------------------------
+    def _attention_layers(self) -> list[ElasticLayer]:
+        return [layer for layer in self.layers if isinstance(layer, ElasticLayer)]
 
-    def _refit(self) -> None:
-        for layer in self.layers:
-            if layer._store is not None:
-                layer._store.fit(layer.batch, layer.length)
+    # ---- whole-cache operations -----------------------------------------------------
 
     def reset(self) -> None:
         for layer in self.layers:
@@ -492,26 +482,47 @@ class ElasticCache(Cache):
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
-        self._refit()  # every layer has moved its rows: now drop the other sequences
+        for layer in self._attention_layers():  # every layer has moved its rows: now drop the others
+            layer.refit()
 
     def crop(self, max_length: int) -> None:
         for layer in self.layers:
             layer.crop(max_length)
 
+    def _first_attention_index(self, layer_idx: int) -> int:
+        """layer_idx, or for layer 0 when it holds no attention, the first
+        attention layer (as transformers' Cache answers length questions)."""
+        if isinstance(self.layers[layer_idx], ElasticLayer):
+            return layer_idx
+        if layer_idx == 0:
+            for i, layer in enumerate(self.layers):
+                if isinstance(layer, ElasticLayer):
+                    return i
+        raise ValueError(f"ElasticCache: layer {layer_idx} is a {type(self.layers[layer_idx]).__name__}, "
+                         "which holds no attention tokens")
+
+    def get_seq_length(self, layer_idx: int = 0, *args, **kwargs) -> int:
+        if layer_idx >= len(self.layers):
+            return 0
+        return self.layers[self._first_attention_index(layer_idx)].get_seq_length()
+
     def get_mask_sizes(self, query_length: Any, layer_idx: int = 0) -> tuple[int, int]:
-        return self.layers[layer_idx].get_mask_sizes(query_length)
+        if layer_idx >= len(self.layers):
+            return _query_length(query_length), 0
+        return self.layers[self._first_attention_index(layer_idx)].get_mask_sizes(query_length)
 
     def get_max_cache_shape(self, layer_idx: int = 0) -> int:
         return self.max_cache_len
 
     def early_initialization(self, batch_size: int, num_heads: Any, head_dim: Any, dtype: torch.dtype,
                              device: Any) -> None:
-        """Builds the spaces ahead of the first update (maps nothing)."""
-        heads = num_heads if isinstance(num_heads, int) else num_heads[0]
-        dim = head_dim if isinstance(head_dim, int) else head_dim[0]
-        fake = torch.empty((batch_size, heads, 0, dim), dtype=dtype, device=device)
-        for layer in self.layers:
-            if not layer.is_initialized:
+        """Reserves the attention layers' ranges ahead of the first update
+        (maps nothing); num_heads / head_dim are ints or per-layer lists."""
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer, ElasticLayer) and not layer.is_initialized:
+                heads = num_heads if isinstance(num_heads, int) else num_heads[i]
+                dim = head_dim if isinstance(head_dim, int) else head_dim[i]
+                fake = torch.empty((batch_size, heads, 0, dim), dtype=dtype, device=device)
                 layer.lazy_initialization(fake, fake)
 
     # Read-only, as transformers 5.17's Cache declares them (as deprecated
@@ -526,15 +537,17 @@ class ElasticCache(Cache):
 
     @property
     def batch_size(self) -> int:
-        return self.layers[0].batch if self.layers[0].is_initialized else -1
+        for layer in self._attention_layers():
+            if layer.is_initialized:
+                return layer.batch
+        return -1
 
     # ---- memory figures -------------------------------------------------------------
 
     @property
-    def contiguous_kvs(self) -> list[ContiguousKV]:
-        """The ContiguousKV spaces (empty before the first update): one for all
-        full layers, one per sliding layer."""
-        return [st.kv for st in self._backing.stores]
+    def stores(self) -> list[TokenRanges | StateSlots]:
+        """Every layer's storage built so far (one PageSpace each)."""
+        return list(self._backing.stores)
 
     @property
     def pool(self) -> Pool | None:
@@ -542,30 +555,18 @@ class ElasticCache(Cache):
 
     def mapped_bytes(self, layer_idx: int | None = None) -> int:
         """Bytes of pool chunks mapped under the cache (or under one layer)."""
-        b = self._backing
         if layer_idx is None:
-            return sum(st.kv.mapped_bytes() for st in b.stores)
-        store = b.layer_store.get(layer_idx)
-        if store is None:
-            return 0
-        kv = store.kv
-        pages = set().union(*kv.seq_pages)
-        mine = set()
-        for kvi in range(2):
-            plane = kv.planes[(layer_idx, kvi)]
-            first = plane.first_page
-            last = first + kv.max_batch * plane.region_bytes // kv.chunk
-            mine.update(p for p in pages if first <= p < last)
-        return len(mine) * kv.chunk
+            return sum(st.mapped_bytes() for st in self._backing.stores)
+        return sum(st.mapped_bytes() for st in _layer_stores(self.layers[layer_idx]))
 
     def needed_bytes(self) -> int:
-        """Bytes the kept tokens need, without rounding to chunks."""
-        return sum(st.kv.needed_bytes() for st in self._backing.stores)
+        """Bytes the kept tokens (and states) need, without rounding to chunks."""
+        return sum(st.needed_bytes() for st in self._backing.stores)
 
     def close(self) -> None:
         """Gives every chunk back and releases the reserved VA; the cache is
         unusable afterwards (and so are tensors update() returned)."""
-        for layer in self.layers:
+        for layer in self._attention_layers():
             layer._store = None
             layer.keys = layer.values = None
             layer.is_initialized = False
@@ -575,3 +576,31 @@ class ElasticCache(Cache):
     def __repr__(self) -> str:
         return (f"ElasticCache(max_batch_size={self.max_batch_size}, max_cache_len={self.max_cache_len}, "
                 f"mapped={self.mapped_bytes()} B, layers={self.layers})")
+
+
+def _layer_stores(layer: Any) -> list[TokenRanges | StateSlots]:
+    store = getattr(layer, "_store", None)
+    return [store] if store is not None else []
+
+
+def _refuse_unheld(kinds: list[CacheLayerKind], model_type: str) -> None:
+    """Raises ValueError, at construction, for layer types ElasticCache does
+    not hold, naming the transformers layer class and the method it needs."""
+    bad = []
+    for i, k in enumerate(kinds):
+        if k.is_attention or k.keeps_nothing:
+            continue
+        if k.is_linear:
+            need = "update_conv_state / update_recurrent_state (recurrent states)"
+        else:
+            need = _NEEDS.get(k.type, "a cache layer of its own")
+        bad.append(f"layer {i} ({k.type!r}: transformers' {_transformers_layer_class(k.type)}, needs {need})")
+    if bad:
+        shown = "; ".join(bad[:3]) + (f"; and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise ValueError(f"ElasticCache cannot hold every layer of {model_type}: {shown}")
+
+
+def _make_layer(backing: _Backing, index: int, kind: CacheLayerKind) -> Any:
+    if kind.keeps_nothing:
+        return _NoCacheLayer()
+    return ElasticLayer(backing, index, kind.window if kind.type != "full_attention" else None)

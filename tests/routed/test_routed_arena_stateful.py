@@ -24,8 +24,15 @@ class RoutedArenaMachine(ArenaMachine):
         ellm_alloc.empty_cache()  # idle chunks back to the device, so the budget below can hold
         assert pool.stats()["live_blocks"] == 0, "the routed process holds tensors the model does not know"
         pool.set_budget(self.budget)
+        # The pool outlives the example: the arena may still hold chunks under
+        # empty slabs it keeps per (stream, size class) from earlier examples,
+        # which this example's footprint model does not know about.
+        self.inherited_chunks = pool.stats()["reserved_bytes"] // pool.stats()["chunk_bytes"]
         self.torch_tensors: dict[int, torch.Tensor] = {}
         return pool
+
+    def budget_chunks(self) -> int:
+        return super().budget_chunks() - self.inherited_chunks
 
     def close_pool(self):
         self.pool.validate()
