@@ -3,6 +3,7 @@ random-weight models built from configs (no downloads), on host pools."""
 from __future__ import annotations
 
 import gc
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,7 +13,6 @@ from transformers import (  # noqa: E402
     AutoModelForCausalLM,
     DynamicCache,
     Gemma3TextConfig,
-    JambaConfig,
     LlamaConfig,
     MistralConfig,
     Qwen2Config,
@@ -305,12 +305,11 @@ def test_errors(pool):
         model.generate(ids[:2], attention_mask=mask[:2], past_key_values=cache, **GEN)
     with pytest.raises(ValueError, match="max_cache_len"):
         ElasticCache(model.config, max_batch_size=2)
-    jamba = JambaConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=2, intermediate_size=128, attn_layer_period=2,
-                        attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1)
-    with pytest.raises(ValueError, match=r"cannot hold every layer of jamba: layer 0 \(.linear_attention.: "
-                                         r"transformers. LinearAttentionLayer, needs update_conv_state"):
-        ElasticCache(jamba, max_batch_size=1, max_cache_len=64)
+    indexed = SimpleNamespace(model_type="some_dsa_lm", num_hidden_layers=2,
+                              layer_types=["full_attention", "indexed_attention"])
+    with pytest.raises(ValueError, match=r"cannot hold every layer of some_dsa_lm: layer 1 \(.indexed_attention.: "
+                                         r"transformers. DynamicIndexedLayer, needs update_indexer"):
+        ElasticCache(indexed, max_batch_size=1, max_cache_len=64)
 
 
 def test_not_compileable_and_sizes(pool):

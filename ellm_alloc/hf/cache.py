@@ -74,7 +74,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..kv.hf_config import CacheLayerKind, cache_layer_kinds, text_config
 from ..pool import Pool
-from .storage import StateSlots, TokenRanges
+from .linear import ElasticLinearLayer
+from .storage import PackedStates, StateRegion, TokenRanges
 
 __all__ = ["ElasticCache"]
 
@@ -150,7 +151,8 @@ class _Backing:
         self.pool = pool
         self.budget = budget
         self.own_pool = False
-        self.stores: list[TokenRanges | StateSlots] = []
+        self.stores: list[TokenRanges | PackedStates] = []
+        self.states: PackedStates | None = None  # every linear layer's states, made at the first
         self.device: torch.device | None = None
         self.closed = False
 
@@ -201,10 +203,32 @@ class _Backing:
         self.stores.append(store)
         return store
 
-    def state_slots(self, name: str, shape, dtype: torch.dtype, device: torch.device) -> StateSlots:
-        store = StateSlots(self.pool_for(device), name, self.max_batch, shape, dtype)
-        self.stores.append(store)
-        return store
+    def state_region(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+                     batch: int) -> StateRegion:
+        """Slots for one more state (pool owner "hf.states<segment>")."""
+        if self.states is None:
+            self.states = PackedStates(self.pool_for(device), "hf.states", self.max_batch)
+            self.stores.append(self.states)
+        else:
+            self.pool_for(device)  # the same device as the other layers
+        self._check_batch(batch)
+        return self.states.add(shape, dtype)
+
+    def fit_states(self, batch: int) -> None:
+        """Maps the state slots of sequences [0, batch), unmaps the others."""
+        self._check_batch(batch)
+        if self.states is not None:
+            self.states.fit(batch)
+
+    def states_batch(self) -> int:
+        return self.states.batch if self.states is not None else 0
+
+    def _check_batch(self, batch: int) -> None:
+        if batch > self.max_batch:
+            raise ValueError(
+                f"ElasticCache: batch of {batch} sequences exceeds max_batch_size={self.max_batch} "
+                "(beam search and num_return_sequences multiply the batch; size the cache for that)"
+            )
 
     def close(self) -> None:
         if self.closed:
@@ -213,6 +237,7 @@ class _Backing:
         for st in self.stores:
             st.close()
         self.stores = []
+        self.states = None
         if self.own_pool and self.pool is not None:
             self.pool.close()
         self.pool = None
@@ -230,9 +255,6 @@ class ElasticLayer(CacheLayerMixin):
         self.index = index
         self.window = window
         self.is_sliding = window is not None
-        # A full layer can be cropped to any length; a sliding one only while
-        # the tokens the cropped length needs are still in the window.
-        self.is_croppable = window is None
         self.max_cache_len = backing.max_len
         self.length = 0  # tokens seen (the position of the next token)
         self.batch = 0  # sequences in use
@@ -241,6 +263,12 @@ class ElasticLayer(CacheLayerMixin):
     def __repr__(self) -> str:
         kind = f"sliding({self.window})" if self.is_sliding else "full"
         return f"ElasticLayer({self.index}, {kind}, length={self.length}, batch={self.batch})"
+
+    @property
+    def is_croppable(self) -> bool:
+        """A full layer can be cropped to any length; a sliding one only while
+        the tokens the cropped length needs are still in the window."""
+        return self.window is None
 
     # ---- setup --------------------------------------------------------------------
 
@@ -440,6 +468,58 @@ class ElasticLayer(CacheLayerMixin):
         pass
 
 
+class ElasticHybridLayer(ElasticLinearLayer, ElasticLayer):
+    """A layer with both recurrent states and per-token K/V (transformers'
+    "hybrid" and "hybrid_sliding" types): the states in pool slots as an
+    ElasticLinearLayer, the K/V as an ElasticLayer (full, or sliding with
+    `window`). Each method dispatches to the part it concerns, as
+    transformers' LinearAttentionAndFullAttentionLayer does."""
+
+    is_compileable = False
+
+    def __init__(self, backing: _Backing, index: int, window: int | None, number_of_states: int = 1):
+        ElasticLayer.__init__(self, backing, index, window)
+        ElasticLinearLayer.__init__(self, backing, index, number_of_states)
+
+    def __repr__(self) -> str:
+        kind = f"sliding({self.window})" if self.is_sliding else "full"
+        return (f"ElasticHybridLayer({self.index}, {kind}, length={self.length}, batch={self.batch}, "
+                f"state_batch={self.state_batch})")
+
+    @property
+    def is_croppable(self) -> bool:
+        return ElasticLinearLayer.is_croppable.fget(self) and ElasticLayer.is_croppable.fget(self)
+
+    def lazy_initialization(self, *args, **kwargs) -> None:
+        if len(args) == 2 and not kwargs:  # update(key_states, value_states)
+            ElasticLayer.lazy_initialization(self, *args)
+        else:  # update_conv_state / update_recurrent_state, by keyword
+            ElasticLinearLayer.lazy_initialization(self, *args, **kwargs)
+
+    def get_max_length(self) -> int:
+        return ElasticLayer.get_max_length(self)
+
+    def reset(self) -> None:
+        ElasticLinearLayer.reset(self)
+        ElasticLayer.reset(self)
+
+    def crop(self, tokens: int) -> None:
+        ElasticLinearLayer.crop(self, tokens)
+        ElasticLayer.crop(self, tokens)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        ElasticLinearLayer.reorder_cache(self, beam_idx)
+        ElasticLayer.reorder_cache(self, beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        ElasticLinearLayer.batch_select_indices(self, indices)
+        ElasticLayer.batch_select_indices(self, indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        ElasticLinearLayer.batch_repeat_interleave(self, repeats)
+        ElasticLayer.batch_repeat_interleave(self, repeats)
+
+
 class ElasticCache(Cache):
     """A transformers Cache whose K/V live in pool chunks (see the module docstring).
 
@@ -476,14 +556,25 @@ class ElasticCache(Cache):
 
     # ---- whole-cache operations -----------------------------------------------------
 
+    def _linear_layers(self) -> list[ElasticLinearLayer]:
+        return [layer for layer in self.layers if isinstance(layer, ElasticLinearLayer)]
+
     def reset(self) -> None:
+        """Forgets every token and state and gives their chunks back to the pool."""
+        self._backing.fit_states(0)
+        for layer in self._linear_layers():
+            layer.forget_slots()
         for layer in self.layers:
             layer.reset()
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
-        for layer in self._attention_layers():  # every layer has moved its rows: now drop the others
+        # Every layer has moved its rows to the front: now drop the others.
+        for layer in self._attention_layers():
             layer.refit()
+        kept = [layer.state_batch for layer in self._linear_layers() if layer.state_batch]
+        if kept:
+            self._backing.fit_states(kept[0])
 
     def crop(self, max_length: int) -> None:
         for layer in self.layers:
@@ -540,12 +631,21 @@ class ElasticCache(Cache):
         for layer in self._attention_layers():
             if layer.is_initialized:
                 return layer.batch
+        for layer in self._linear_layers():
+            if layer.state_batch:
+                return layer.state_batch
         return -1
+
+    @property
+    def is_linear(self) -> list[bool]:
+        """Layers with recurrent states only (hybrids hold attention too)."""
+        return [isinstance(layer, ElasticLinearLayer) and not isinstance(layer, ElasticLayer)
+                for layer in self.layers]
 
     # ---- memory figures -------------------------------------------------------------
 
     @property
-    def stores(self) -> list[TokenRanges | StateSlots]:
+    def stores(self) -> list[TokenRanges | PackedStates]:
         """Every layer's storage built so far (one PageSpace each)."""
         return list(self._backing.stores)
 
@@ -557,7 +657,11 @@ class ElasticCache(Cache):
         """Bytes of pool chunks mapped under the cache (or under one layer)."""
         if layer_idx is None:
             return sum(st.mapped_bytes() for st in self._backing.stores)
-        return sum(st.mapped_bytes() for st in _layer_stores(self.layers[layer_idx]))
+        layer = self.layers[layer_idx]
+        held = sum(st.mapped_bytes() for st in _layer_stores(layer))
+        if isinstance(layer, ElasticLinearLayer):  # its slots' bytes: the chunks under them are shared
+            held += sum(r.slot_bytes for r in layer._regions.values()) * layer.state_batch
+        return held
 
     def needed_bytes(self) -> int:
         """Bytes the kept tokens (and states) need, without rounding to chunks."""
@@ -566,6 +670,8 @@ class ElasticCache(Cache):
     def close(self) -> None:
         """Gives every chunk back and releases the reserved VA; the cache is
         unusable afterwards (and so are tensors update() returned)."""
+        for layer in self._linear_layers():
+            layer.forget_slots()
         for layer in self._attention_layers():
             layer._store = None
             layer.keys = layer.values = None
@@ -578,7 +684,7 @@ class ElasticCache(Cache):
                 f"mapped={self.mapped_bytes()} B, layers={self.layers})")
 
 
-def _layer_stores(layer: Any) -> list[TokenRanges | StateSlots]:
+def _layer_stores(layer: Any) -> list[TokenRanges | PackedStates]:
     store = getattr(layer, "_store", None)
     return [store] if store is not None else []
 
@@ -588,12 +694,9 @@ def _refuse_unheld(kinds: list[CacheLayerKind], model_type: str) -> None:
     not hold, naming the transformers layer class and the method it needs."""
     bad = []
     for i, k in enumerate(kinds):
-        if k.is_attention or k.keeps_nothing:
+        if k.is_attention or k.keeps_nothing or k.is_linear:
             continue
-        if k.is_linear:
-            need = "update_conv_state / update_recurrent_state (recurrent states)"
-        else:
-            need = _NEEDS.get(k.type, "a cache layer of its own")
+        need = _NEEDS.get(k.type, "a cache layer of its own")
         bad.append(f"layer {i} ({k.type!r}: transformers' {_transformers_layer_class(k.type)}, needs {need})")
     if bad:
         shown = "; ".join(bad[:3]) + (f"; and {len(bad) - 3} more" if len(bad) > 3 else "")
@@ -603,4 +706,9 @@ def _refuse_unheld(kinds: list[CacheLayerKind], model_type: str) -> None:
 def _make_layer(backing: _Backing, index: int, kind: CacheLayerKind) -> Any:
     if kind.keeps_nothing:
         return _NoCacheLayer()
+    if kind.type in ("hybrid", "hybrid_sliding"):
+        return ElasticHybridLayer(backing, index, kind.window if kind.type == "hybrid_sliding" else None,
+                                  kind.states)
+    if kind.is_linear:  # "linear_attention", "conv"
+        return ElasticLinearLayer(backing, index, kind.states)
     return ElasticLayer(backing, index, kind.window if kind.type != "full_attention" else None)

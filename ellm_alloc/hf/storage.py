@@ -15,11 +15,13 @@ so the mapped pages of a plane are one interval per sequence, the same for
 every sequence: a step that stays inside mapped chunks costs two integer
 comparisons and no call into the pool.
 
-StateSlots: one fixed-size state per sequence (a conv or recurrent state of a
-linear-attention / Mamba layer). Slots are packed back to back, slot i at
-i * slot_bytes, so `view()[:batch]` is contiguous and the memory held is
-batch * slot_bytes rounded up to whole chunks, never a chunk per sequence.
-`fit(batch)` maps the chunks under slots [0, batch).
+PackedStates: the fixed-size states of every linear-attention / Mamba layer
+of the cache (conv and recurrent states, one slot per sequence). Each state's
+slots are back to back, so `region.view(batch)` is contiguous, and the
+regions of all layers are packed together, so the memory held is about
+batch x the states' bytes rounded up to whole chunks, not a chunk per layer
+and state. A decode step updates the slots in place: no copy beyond the
+one transformers' own layer makes, and no map or unmap.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ import torch
 from ..kv.space import PageSpace
 from ..pool import Pool
 
-__all__ = ["StateSlots", "TokenRanges"]
+__all__ = ["PackedStates", "StateRegion", "TokenRanges"]
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -129,47 +131,137 @@ class TokenRanges:
         self.space.close()
 
 
-class StateSlots:
-    """One fixed-size state of `shape` per sequence, for up to max_batch sequences."""
+class StateRegion:
+    """The slots of one state (one conv or recurrent state of one layer) in a
+    PackedStates: max_batch slots of `shape`, back to back."""
 
-    def __init__(self, pool: Pool, name: str, max_batch: int, shape: tuple[int, ...], dtype: torch.dtype):
-        self.max_batch, self.shape, self.dtype = max_batch, tuple(shape), dtype
+    def __init__(self, store: "PackedStates", segment: int, offset: int, shape: tuple[int, ...],
+                 dtype: torch.dtype):
+        self.store, self.segment, self.offset = store, segment, offset
+        self.shape, self.dtype = tuple(shape), dtype
+        self.slot_bytes = math.prod(self.shape) * torch.empty((), dtype=dtype).element_size()
+        size = (store.max_batch, *self.shape)
+        strides = [1] * len(size)
+        for i in range(len(size) - 2, -1, -1):
+            strides[i] = strides[i + 1] * size[i + 1]
+        self._view = store.spaces[segment].view(dtype, offset, size, tuple(strides))
+
+    def view(self, batch: int) -> torch.Tensor:
+        """[batch, *shape], contiguous; batch must not exceed the store's fitted batch."""
+        return self._view[:batch]
+
+    def move_rows(self, src_rows: torch.Tensor) -> None:
+        """Slot i becomes old slot src_rows[i], for i < len(src_rows)."""
+        n = src_rows.numel()
+        if n:
+            moved = self._view.index_select(0, src_rows.to(self._view.device))  # a copy: sources may be overwritten
+            self._view[:n].copy_(moved)
+
+
+class PackedStates:
+    """Every fixed-size state (conv and recurrent states of linear-attention /
+    Mamba layers) of one cache, for up to max_batch sequences.
+
+    Each state gets a region of max_batch slots, regions packed back to back
+    (256-byte aligned) in segments of pool pages, in the order the layers
+    first update them. Small states therefore share chunks: the memory held
+    is about batch x (sum of slot bytes), rounded up to whole chunks once per
+    segment, not once per layer. A state larger than a segment gets a segment
+    of its own. `fit(batch)` maps the pages under slots [0, batch) of every
+    region and unmaps the rest; a page shared by two regions stays mapped
+    while either needs it.
+    """
+
+    ALIGN = 256
+    SEGMENT_PAGES = 16
+
+    def __init__(self, pool: Pool, name: str, max_batch: int):
+        self.pool, self.name, self.max_batch = pool, name, max_batch
         self.chunk = pool.stats()["chunk_bytes"]
-        self.item = torch.empty((), dtype=dtype).element_size()
-        self.slot_bytes = math.prod(self.shape) * self.item
-        if self.slot_bytes <= 0:
-            raise ValueError(f"{name}: a state of shape {self.shape} holds no bytes")
-        self.space = PageSpace(pool, name, _ceil_div(max_batch * self.slot_bytes, self.chunk))
+        self.spaces: list[PageSpace] = []
+        self.used: list[int] = []  # bytes taken in each segment
+        self.regions: list[StateRegion] = []
+        self.mapped: list[set[int]] = []  # mapped pages of each segment
         self.batch = 0
-        self.pages = 0  # pages [0, pages) are mapped
-        self._view: torch.Tensor | None = None
 
-    def view(self) -> torch.Tensor:
-        """[max_batch, *shape]; read only the slots below the fitted batch."""
-        if self._view is None:
-            size = (self.max_batch, *self.shape)
-            strides = [1] * len(size)
-            for i in range(len(size) - 2, -1, -1):
-                strides[i] = strides[i + 1] * size[i + 1]
-            self._view = self.space.view(self.dtype, 0, size, tuple(strides))
-        return self._view
+    def add(self, shape: tuple[int, ...], dtype: torch.dtype) -> StateRegion:
+        """A region for a new state, mapped for the fitted batch (its slots
+        read as zeros, as transformers' fresh states do)."""
+        slot = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if slot <= 0:
+            raise ValueError(f"{self.name}: a state of shape {tuple(shape)} holds no bytes")
+        need = self.max_batch * slot
+        seg = len(self.spaces) - 1
+        offset = _ceil_div(self.used[seg], self.ALIGN) * self.ALIGN if seg >= 0 else 0
+        if seg < 0 or offset + need > self.spaces[seg].n_pages * self.chunk:
+            pages = max(self.SEGMENT_PAGES, _ceil_div(need, self.chunk))
+            self.spaces.append(PageSpace(self.pool, f"{self.name}{len(self.spaces)}", pages))
+            self.used.append(0)
+            self.mapped.append(set())
+            seg, offset = len(self.spaces) - 1, 0
+        self.used[seg] = offset + need
+        region = StateRegion(self, seg, offset, shape, dtype)
+        self.regions.append(region)
+        try:
+            self._fit_pages(self.batch)
+        except BaseException:
+            self.regions.pop()
+            raise
+        if self.batch:
+            region.view(self.batch).zero_()
+        return region
+
+    def _needed(self, batch: int) -> list[set[int]]:
+        need: list[set[int]] = [set() for _ in self.spaces]
+        for r in self.regions:
+            if batch:
+                lo, hi = r.offset, r.offset + batch * r.slot_bytes
+                need[r.segment].update(range(lo // self.chunk, _ceil_div(hi, self.chunk)))
+        return need
+
+    def _fit_pages(self, batch: int) -> None:
+        need = self._needed(batch)
+        added: list[tuple[int, int]] = []
+        try:
+            for seg, pages in enumerate(need):
+                for page in sorted(pages - self.mapped[seg]):
+                    self.spaces[seg].map(page)
+                    added.append((seg, page))
+        except BaseException:  # all or nothing
+            for seg, page in added:
+                self.spaces[seg].unmap(page)
+            raise
+        for seg, page in added:
+            self.mapped[seg].add(page)
+        for seg, pages in enumerate(need):
+            for page in sorted(self.mapped[seg] - pages):
+                self.spaces[seg].unmap(page)
+            self.mapped[seg] = set(pages)
 
     def fit(self, batch: int) -> None:
-        """Maps the chunks under slots [0, batch), unmaps the others."""
-        pages = _ceil_div(batch * self.slot_bytes, self.chunk)
-        if pages > self.pages:
-            self.space.map(self.pages, pages - self.pages)
-        for page in range(pages, self.pages):
-            self.space.unmap(page)
-        self.batch, self.pages = batch, pages
+        """Slots [0, batch) of every region are mapped, nothing else is.
+        All or nothing: on OutOfMemoryError nothing changed. Slots that were
+        not mapped before read as zeros."""
+        if batch == self.batch:
+            return
+        if batch > self.max_batch:
+            raise ValueError(f"{self.name}: batch {batch} exceeds max_batch_size={self.max_batch}")
+        old = self.batch
+        self._fit_pages(batch)
+        self.batch = batch
+        for r in self.regions:
+            if batch > old:
+                r._view[old:batch].zero_()
 
     def mapped_bytes(self) -> int:
-        return self.pages * self.chunk
+        return sum(len(m) for m in self.mapped) * self.chunk
 
     def needed_bytes(self) -> int:
-        return self.batch * self.slot_bytes
+        return self.batch * sum(r.slot_bytes for r in self.regions)
 
     def close(self) -> None:
-        self._view = None
-        self.batch = self.pages = 0
-        self.space.close()
+        self.regions = []
+        self.batch = 0
+        for space in self.spaces:
+            space.close()
+        self.spaces, self.used, self.mapped = [], [], []
