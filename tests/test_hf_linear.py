@@ -370,3 +370,27 @@ def test_packed_states_bad_input(pool):
     with pytest.raises(ValueError, match="max_batch_size=2"):
         store.fit(3)
     store.close()
+
+
+def test_minimax_gets_its_own_cache_class_on_the_pool(pool):
+    """MiniMax accepts only MiniMaxCache: ElasticCache becomes a subclass of
+    both, with the lightning-attention state in pool slots."""
+    from transformers.models.minimax.modeling_minimax import MiniMaxCache
+
+    model = model_of("minimax")
+    ids, mask = batch()
+    gen = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        ref = model.generate(ids, **gen)  # the model's own MiniMaxCache
+        cache = ElasticCache(model.config, max_batch_size=2, max_cache_len=64, pool=pool)
+        assert isinstance(cache, MiniMaxCache) and isinstance(cache, ElasticCache)
+        out = model.generate(ids, past_key_values=cache, **gen)
+    assert torch.equal(out, ref)
+    first = cache.is_linear.index(True)
+    state = cache.get_linear_cache(first)
+    space = cache._backing.states.spaces[0]
+    assert space.base <= state.data_ptr() < space.base + space.n_pages * space.page_bytes
+    with pytest.raises(RuntimeError, match="cannot crop"):
+        cache.crop(-1)
+    cache.close()
+    assert held(pool, "hf.") == 0

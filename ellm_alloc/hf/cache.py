@@ -534,6 +534,15 @@ class ElasticCache(Cache):
         a cap, the pool only commits the chunks in use).
     """
 
+    def __new__(cls, config: Any = None, *args, **kwargs):
+        # Models that accept only a cache class of their own get a subclass
+        # of both (ellm_alloc.hf.own_caches).
+        if cls is ElasticCache and config is not None:
+            from .own_caches import own_cache_class
+
+            cls = own_cache_class(ElasticCache, config) or cls
+        return super().__new__(cls)
+
     def __init__(self, config: Any, max_batch_size: int = 1, max_cache_len: int | None = None, *,
                  pool: Pool | None = None, budget: Any = None, **kwargs):
         if max_cache_len is None:
@@ -546,7 +555,9 @@ class ElasticCache(Cache):
         kinds = cache_layer_kinds(text)
         _refuse_unheld(kinds, getattr(text, "model_type", "?"))
         backing = _Backing(max_batch_size, max_cache_len, pool, budget)
-        super().__init__(layers=[_make_layer(backing, i, k) for i, k in enumerate(kinds)])
+        # Cache.__init__ by name: a subclass for a model's own cache class
+        # (own_caches) must not run that class's constructor.
+        Cache.__init__(self, layers=[_make_layer(backing, i, k) for i, k in enumerate(kinds)])
         self._backing = backing
         # Unmap everything and close the spaces when the cache is collected.
         self._finalizer = weakref.finalize(self, _Backing.close, backing)
