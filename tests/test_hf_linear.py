@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, DynamicCache  # noqa: E402
 from ellm_alloc import Pool  # noqa: E402
 from ellm_alloc.hf import ElasticCache  # noqa: E402
 from ellm_alloc.hf.cache import ElasticHybridLayer  # noqa: E402
+from ellm_alloc.hf.compat import CACHE_KWARG, cache_kwarg_of  # noqa: E402
 from ellm_alloc.hf.families import tiny_config  # noqa: E402
 from ellm_alloc.hf.linear import ElasticLinearLayer  # noqa: E402
 from ellm_alloc.hf.storage import PackedStates  # noqa: E402
@@ -50,12 +51,6 @@ def model_of(family: str):
     return _MODELS[family]
 
 
-def cache_kwarg(model) -> str:
-    import inspect
-
-    return "past_key_values" if "past_key_values" in inspect.signature(model.forward).parameters else "cache_params"
-
-
 def batch(b: int = 2, prompt: int = 10, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, 200, (b, prompt), generator=g)
@@ -66,7 +61,7 @@ def batch(b: int = 2, prompt: int = 10, seed: int = 1):
 
 def forward(model, cache, ids, mask):
     with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=mask, use_cache=True, **{cache_kwarg(model): cache})
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True, **{cache_kwarg_of(model): cache})
     return out.logits[:, -1]
 
 
@@ -106,7 +101,7 @@ def test_generate_matches_dynamic_cache_with_states_in_pool(family, pool):
     model = model_of(family)
     ids, mask = batch()
     gen = dict(attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
-    name = cache_kwarg(model)
+    name = cache_kwarg_of(model)
     with torch.no_grad():
         ref = model.generate(ids, **{name: DynamicCache(config=model.config)}, **gen)
         cache = ElasticCache(model.config, max_batch_size=2, max_cache_len=64, pool=pool)
@@ -166,12 +161,12 @@ def test_reset_gives_chunks_back_and_generates_again(pool):
     cache = ElasticCache(model.config, max_batch_size=2, max_cache_len=64, pool=pool)
     assert all(isinstance(layer, ElasticHybridLayer) for layer in cache.layers)
     with torch.no_grad():
-        first = model.generate(ids, past_key_values=cache, **gen)
+        first = model.generate(ids, **{CACHE_KWARG: cache}, **gen)
         assert held(pool, "hf.states") > 0
         cache.reset()
         assert held(pool, "hf.") == 0
         assert not cache.has_previous_state()
-        again = model.generate(ids, past_key_values=cache, **gen)
+        again = model.generate(ids, **{CACHE_KWARG: cache}, **gen)
     assert torch.equal(first, again)
     cache.close()
 
@@ -184,9 +179,9 @@ def test_beam_search_matches_dynamic_cache(family, pool):
     kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0, num_beams=2,
               num_return_sequences=2)
     with torch.no_grad():
-        ref = model.generate(ids, past_key_values=DynamicCache(config=model.config), **kw)
+        ref = model.generate(ids, **{CACHE_KWARG: DynamicCache(config=model.config)}, **kw)
         cache = ElasticCache(model.config, max_batch_size=4, max_cache_len=64, pool=pool)
-        out = model.generate(ids, past_key_values=cache, **kw)
+        out = model.generate(ids, **{CACHE_KWARG: cache}, **kw)
     assert torch.equal(out, ref)
     cache.close()
 
@@ -237,7 +232,7 @@ def test_crop_while_recording_past_matches_dynamic_cache(pool):
         cand = torch.cat([i, torch.full((2, 3), 7)], 1)
         cm = torch.cat([m, torch.ones(2, 3, dtype=m.dtype)], 1)
         with torch.no_grad():
-            model(input_ids=cand[:, -4:], attention_mask=cm, past_key_values=c, use_cache=True)
+            model(input_ids=cand[:, -4:], attention_mask=cm, use_cache=True, **{CACHE_KWARG: c})
         c.crop(-2)
         i, m = cand[:, :-2], cm[:, :-2]
         logits, _, _ = decode(model, c, i, m, 3)
@@ -384,7 +379,7 @@ def test_minimax_gets_its_own_cache_class_on_the_pool(pool):
         ref = model.generate(ids, **gen)  # the model's own MiniMaxCache
         cache = ElasticCache(model.config, max_batch_size=2, max_cache_len=64, pool=pool)
         assert isinstance(cache, MiniMaxCache) and isinstance(cache, ElasticCache)
-        out = model.generate(ids, past_key_values=cache, **gen)
+        out = model.generate(ids, **{CACHE_KWARG: cache}, **gen)
     assert torch.equal(out, ref)
     first = cache.is_linear.index(True)
     state = cache.get_linear_cache(first)

@@ -271,6 +271,8 @@ def run_generate(kind: str, model, cfg, ids, mask, new_tokens: int, max_cache_le
     """One generate() with cache `kind`; KV bytes read at every step."""
     from transformers import LogitsProcessor, LogitsProcessorList
 
+    from ..hf.compat import CACHE_KWARG
+
     batch = ids.shape[0]
     cache = make_cache(kind, cfg, batch, max_cache_len, pool)
     cuda = ids.device.type == "cuda"
@@ -304,7 +306,7 @@ def run_generate(kind: str, model, cfg, ids, mask, new_tokens: int, max_cache_le
     rss0 = _rss()
     t0 = time.perf_counter()
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=new_tokens,
+        out = model.generate(ids, attention_mask=mask, **{CACHE_KWARG: cache}, max_new_tokens=new_tokens,
                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
                              logits_processor=procs)
     if cuda:

@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from .compat import cache_kwarg_of
+
 __all__ = ["FamilyResult", "OUTCOMES", "model_types", "run_family", "tiny_config"]
 
 OUTCOMES = ("equal", "refused", "failed", "dynamic_failed", "skipped")
@@ -231,18 +233,6 @@ def _short(e: BaseException) -> str:
     return f"{type(e).__name__}: {first[:400]}"
 
 
-def _cache_kwarg(model: Any) -> str | None:
-    """The name under which the model's forward takes a cache (Mamba-style
-    models call it cache_params), or None when it takes none."""
-    import inspect
-
-    params = inspect.signature(model.forward).parameters
-    for name in ("past_key_values", "cache_params"):
-        if name in params:
-            return name
-    return None
-
-
 def _build_and_reference(model_type: str, mild: bool):
     from transformers import AutoModelForCausalLM, DynamicCache
 
@@ -253,9 +243,9 @@ def _build_and_reference(model_type: str, mild: bool):
         raise RuntimeError(f"the tiny config still has {params / 1e6:.0f}M parameters")
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg).eval()
-    name = _cache_kwarg(model)
+    name = cache_kwarg_of(model)
     if name is None:
-        raise _NoCache(f"{type(model).__name__}.forward takes no past_key_values / cache_params")
+        raise _NoCache(f"{type(model).__name__}.forward takes no cache (cache / past_key_values / cache_params)")
     vocab = getattr(model.config.get_text_config(decoder=True), "vocab_size", VOCAB) or VOCAB
     ids, mask = _batch(vocab)
     gen = dict(attention_mask=mask, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
