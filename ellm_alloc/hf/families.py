@@ -195,8 +195,11 @@ def _consistent(d: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
     hidden = d.get("hidden_size")
     # Mamba-2 heads: n_heads * d_head == expand * hidden_size.
     if isinstance(hidden, int) and isinstance(d.get("mamba_d_head"), int) and isinstance(d.get("mamba_n_heads"), int):
+        inner = d.get("mamba_expand", 2) * hidden
+        if isinstance(d.get("mamba_d_ssm"), int):  # Falcon-H1 gives the inner width itself
+            d["mamba_d_ssm"] = inner
         d["mamba_d_head"] = HEAD_DIM
-        d["mamba_n_heads"] = max(1, d.get("mamba_expand", 2) * hidden // HEAD_DIM)
+        d["mamba_n_heads"] = max(1, inner // HEAD_DIM)
     if isinstance(hidden, int) and isinstance(d.get("expand"), int) and isinstance(d.get("num_heads"), int) \
             and isinstance(d.get("head_dim"), int) and "state_size" in d:
         d["num_heads"] = max(1, d["expand"] * hidden // d["head_dim"])
