@@ -67,7 +67,7 @@ _SIZES: dict[str, int] = {
     "num_experts_per_tok": 2, "moe_topk": 2, "n_group": 1, "topk_group": 1, "n_shared_experts": 1,
     "kv_lora_rank": 16, "q_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 16, "v_head_dim": 16,
     "sliding_window": WINDOW, "attention_chunk_size": WINDOW,
-    "max_position_embeddings": 512, "max_window_layers": 2,
+    "max_position_embeddings": 512, "max_window_layers": 2, "lru_width": HIDDEN,
     "attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2, "expert_layer_offset": 1,
 }
 # A milder shrink, tried when the first one gives a model that does not run:
