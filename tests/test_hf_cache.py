@@ -305,11 +305,12 @@ def test_errors(pool):
         model.generate(ids[:2], attention_mask=mask[:2], past_key_values=cache, **GEN)
     with pytest.raises(ValueError, match="max_cache_len"):
         ElasticCache(model.config, max_batch_size=2)
-    indexed = SimpleNamespace(model_type="some_dsa_lm", num_hidden_layers=2,
-                              layer_types=["full_attention", "indexed_attention"])
-    with pytest.raises(ValueError, match=r"cannot hold every layer of some_dsa_lm: layer 1 \(.indexed_attention.: "
-                                         r"transformers. DynamicIndexedLayer, needs update_indexer"):
-        ElasticCache(indexed, max_batch_size=1, max_cache_len=64)
+    compressed = SimpleNamespace(model_type="some_csa_lm", num_hidden_layers=2,
+                                 layer_types=["full_attention", "compressed_sparse_attention"])
+    with pytest.raises(ValueError, match=r"cannot hold every layer of some_csa_lm: layer 1 "
+                                         r"\(.compressed_sparse_attention.: transformers. [^,]+, "
+                                         r"needs its compressed-attention update\(\)"):
+        ElasticCache(compressed, max_batch_size=1, max_cache_len=64)
 
 
 def test_not_compileable_and_sizes(pool):

@@ -65,6 +65,7 @@ get_max_cache_shape() is provided next to get_max_length().
 """
 from __future__ import annotations
 
+import math
 import os
 import weakref
 from typing import Any
@@ -74,7 +75,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..kv.hf_config import CacheLayerKind, cache_layer_kinds, text_config
 from ..pool import Pool
-from .linear import ElasticLinearLayer
+from .linear import ElasticLinearLayer, _as_rows
 from .storage import PackedStates, StateRegion, TokenRanges
 
 __all__ = ["ElasticCache"]
@@ -125,7 +126,6 @@ def _physical_memory() -> int:
 # What transformers' cache layers need beyond update(), for the refusal message
 # of a layer type ElasticCache does not hold.
 _NEEDS = {
-    "indexed_attention": "update_indexer",
     "heavily_compressed_attention": "its compressed-attention update()",
     "compressed_sparse_attention": "its compressed-attention update()",
 }
@@ -137,7 +137,7 @@ def _transformers_layer_class(layer_type: str) -> str:
     except ImportError:  # pragma: no cover - older transformers
         return "an unknown cache layer class"
     cls = DYNAMIC_LAYER_TYPE_MAPPING.get(layer_type)
-    return cls.__name__ if cls is not None else "no cache layer class"
+    return cls.__name__ if cls is not None else "the cache layer class its modeling module registers"
 
 
 class _Backing:
@@ -468,6 +468,113 @@ class ElasticLayer(CacheLayerMixin):
         pass
 
 
+class ElasticIndexedLayer(ElasticLayer):
+    """A sparse-attention (DSA) layer, transformers' "indexed_attention": K/V
+    as a full ElasticLayer, and the indexer's keys ([batch, tokens, ...], one
+    per token) in a token range of their own (pool owner "hf.indexer"),
+    mapped as the sequence grows like K and V. update_indexer returns the
+    written prefix, as transformers' DynamicIndexedLayer returns its
+    concatenation. The indexer positions some models keep
+    (indexer_position_ids, a few ints per token) stay an ordinary tensor."""
+
+    def __init__(self, backing: _Backing, index: int):
+        super().__init__(backing, index, None)
+        self._indexer: TokenRanges | None = None
+        self._indexer_view: torch.Tensor | None = None  # [max_batch, max_len, width]
+        self._indexer_shape: tuple[int, ...] = ()  # each token's shape
+        self.indexer_length = 0
+        self.indexer_batch = 0
+        self.indexer_position_ids: torch.Tensor | None = None
+        self.is_indexer_initialized = False
+
+    def update_indexer(self, indexer_key_states: torch.Tensor) -> torch.Tensor:
+        x = indexer_key_states
+        if x.dim() < 3:
+            raise ValueError(f"ElasticCache layer {self.index}: indexer keys must be [batch, tokens, ...], "
+                             f"got {tuple(x.shape)}")
+        batch, q, shape = x.shape[0], x.shape[1], tuple(x.shape[2:])
+        if self._indexer is None:
+            width = math.prod(shape)
+            self._indexer = self._backing.token_ranges("hf.indexer", ((1, width),), x.dtype, x.device)
+            self._indexer_view = self._indexer.views()[0][:, 0]
+            self._indexer_shape = shape
+            self.is_indexer_initialized = True
+        if shape != self._indexer_shape or x.dtype != self._indexer.dtype:
+            raise ValueError(f"ElasticCache layer {self.index}: indexer keys were {self._indexer_shape} "
+                             f"{self._indexer.dtype} per token, now {shape} {x.dtype}")
+        self._backing._check_batch(batch)
+        if self.indexer_length and batch != self.indexer_batch:
+            raise ValueError(f"ElasticCache layer {self.index}: batch changed from {self.indexer_batch} to "
+                             f"{batch} with {self.indexer_length} indexer keys cached")
+        end = self.indexer_length + q
+        if end > self._backing.max_len:
+            raise ValueError(f"ElasticCache: sequence of {end} tokens exceeds max_cache_len={self._backing.max_len}")
+        self._indexer.fit(batch, 0, end)
+        view = self._indexer_view
+        view[:batch, self.indexer_length:end].copy_(x.reshape(batch, q, -1))
+        self.indexer_length, self.indexer_batch = end, batch
+        return view[:batch, :end].view(batch, end, *shape)
+
+    def _refit_indexer(self) -> None:
+        if self._indexer is not None:
+            self._indexer.fit(self.indexer_batch, 0, self.indexer_length)
+
+    def refit(self) -> None:
+        super().refit()
+        self._refit_indexer()
+
+    def reset(self) -> None:
+        super().reset()
+        self.indexer_length = self.indexer_batch = 0
+        self.indexer_position_ids = None
+        self._refit_indexer()
+
+    def crop(self, tokens: int) -> None:
+        super().crop(tokens)
+        if tokens == 0:
+            return
+        if self.indexer_position_ids is not None:
+            keep = self.indexer_position_ids.shape[-1] + tokens if tokens < 0 else tokens
+            self.indexer_position_ids = self.indexer_position_ids[..., :max(keep, 0)]
+        target = max(self.indexer_length + tokens, 0) if tokens < 0 else min(tokens, self.indexer_length)
+        if target < self.indexer_length:
+            self.indexer_length = target
+            self._refit_indexer()
+
+    def _move_indexer_rows(self, src_rows: torch.Tensor, batch: int) -> None:
+        if self.indexer_length and src_rows.numel():
+            part = self._indexer_view[:, :self.indexer_length]
+            part[:src_rows.numel()].copy_(part.index_select(0, src_rows.to(part.device)))
+        if self.indexer_position_ids is not None:
+            self.indexer_position_ids = self.indexer_position_ids.index_select(
+                1, src_rows.to(self.indexer_position_ids.device))
+        self.indexer_batch = batch
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.indexer_length:
+            self._move_indexer_rows(beam_idx.long(), self.indexer_batch)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        if self.indexer_length:
+            rows = _as_rows(indices, self.indexer_batch)
+            self._move_indexer_rows(rows, rows.numel())  # ElasticCache then refits (unmaps the rest)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.indexer_length:
+            new = self.indexer_batch * repeats
+            self._indexer.fit(new, 0, self.indexer_length)
+            self._move_indexer_rows(torch.arange(self.indexer_batch).repeat_interleave(repeats), new)
+
+    def forget_indexer(self) -> None:
+        """After close(): the storage is gone."""
+        self._indexer = self._indexer_view = None
+        self.indexer_length = self.indexer_batch = 0
+        self.is_indexer_initialized = False
+
+
 class ElasticHybridLayer(ElasticLinearLayer, ElasticLayer):
     """A layer with both recurrent states and per-token K/V (transformers'
     "hybrid" and "hybrid_sliding" types): the states in pool slots as an
@@ -684,6 +791,8 @@ class ElasticCache(Cache):
         for layer in self._linear_layers():
             layer.forget_slots()
         for layer in self._attention_layers():
+            if isinstance(layer, ElasticIndexedLayer):
+                layer.forget_indexer()
             layer._store = None
             layer.keys = layer.values = None
             layer.is_initialized = False
@@ -705,7 +814,7 @@ def _refuse_unheld(kinds: list[CacheLayerKind], model_type: str) -> None:
     not hold, naming the transformers layer class and the method it needs."""
     bad = []
     for i, k in enumerate(kinds):
-        if k.is_attention or k.keeps_nothing or k.is_linear:
+        if k.is_attention or k.keeps_nothing or k.is_linear or k.type == "indexed_attention":
             continue
         need = _NEEDS.get(k.type, "a cache layer of its own")
         bad.append(f"layer {i} ({k.type!r}: transformers' {_transformers_layer_class(k.type)}, needs {need})")
@@ -722,4 +831,6 @@ def _make_layer(backing: _Backing, index: int, kind: CacheLayerKind) -> Any:
                                   kind.states)
     if kind.is_linear:  # "linear_attention", "conv"
         return ElasticLinearLayer(backing, index, kind.states)
+    if kind.type == "indexed_attention":
+        return ElasticIndexedLayer(backing, index)
     return ElasticLayer(backing, index, kind.window if kind.type != "full_attention" else None)

@@ -51,28 +51,29 @@ def _minus(a: tuple[int, int], b: tuple[int, int]) -> list[tuple[int, int]]:
 
 
 class TokenRanges:
-    """K and V of one attention layer for max_batch sequences of up to max_len tokens.
+    """Per-token planes of one attention layer (K and V; a DSA layer's
+    indexer keys) for max_batch sequences of up to max_len tokens.
 
-    shapes: (heads, head_dim) of K and of V.
+    shapes: (heads, head_dim) of each plane.
     """
 
     def __init__(self, pool: Pool, name: str, max_batch: int, max_len: int,
-                 shapes: tuple[tuple[int, int], tuple[int, int]], dtype: torch.dtype):
+                 shapes: tuple[tuple[int, int], ...], dtype: torch.dtype):
         self.max_batch, self.max_len, self.dtype = max_batch, max_len, dtype
         self.chunk = pool.stats()["chunk_bytes"]
         self.item = torch.empty((), dtype=dtype).element_size()
         self.shapes = tuple(shapes)
         self.token_bytes = [h * d * self.item for h, d in self.shapes]
         self.region_pages = [_ceil_div(max_len * tb, self.chunk) for tb in self.token_bytes]
-        self.first_page = [0, max_batch * self.region_pages[0]]
+        self.first_page = [max_batch * sum(self.region_pages[:p]) for p in range(len(self.shapes))]
         self.space = PageSpace(pool, name, max_batch * sum(self.region_pages))
         self.batch = 0
         self.start = self.end = 0
-        self.rel = [(0, 0), (0, 0)]  # mapped pages of every sequence's region, per plane
+        self.rel = [(0, 0)] * len(self.shapes)  # mapped pages of every sequence's region, per plane
         self._views: list[torch.Tensor] | None = None
 
-    def views(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """[max_batch, heads, max_len, head_dim] views of K and V (read only the fitted range)."""
+    def views(self) -> tuple[torch.Tensor, ...]:
+        """[max_batch, heads, max_len, head_dim] views of each plane (read only the fitted range)."""
         if self._views is None:
             out = []
             for p, (h, d) in enumerate(self.shapes):
@@ -80,7 +81,7 @@ class TokenRanges:
                                     (self.region_pages[p] * self.chunk // self.item, h * d, d, 1))
                 out.append(t.permute(0, 2, 1, 3))
             self._views = out
-        return self._views[0], self._views[1]
+        return tuple(self._views)
 
     def _pages(self, p: int, start: int, end: int) -> tuple[int, int]:
         if end <= start:
@@ -91,14 +92,15 @@ class TokenRanges:
     def fit(self, batch: int, start: int, end: int) -> None:
         """Sequences [0, batch) hold tokens [start, end); nothing else stays
         mapped. All or nothing: on OutOfMemoryError nothing changed."""
-        rel = [self._pages(p, start, end) for p in range(2)]
+        planes = range(len(self.shapes))
+        rel = [self._pages(p, start, end) for p in planes]
         if batch == self.batch and rel == self.rel:
             self.start, self.end = start, end
             return
         empty = (0, 0)
         mapped: list[int] = []
         try:
-            for p in range(2):
+            for p in planes:
                 for seq in range(batch):
                     old = self.rel[p] if seq < self.batch else empty
                     base = self.first_page[p] + seq * self.region_pages[p]
@@ -109,7 +111,7 @@ class TokenRanges:
             for page in mapped:
                 self.space.unmap(page)
             raise
-        for p in range(2):
+        for p in planes:
             for seq in range(max(batch, self.batch)):
                 old = self.rel[p] if seq < self.batch else empty
                 new = rel[p] if seq < batch else empty
@@ -127,7 +129,7 @@ class TokenRanges:
 
     def close(self) -> None:
         self._views = None
-        self.batch, self.start, self.end, self.rel = 0, 0, 0, [(0, 0), (0, 0)]
+        self.batch, self.start, self.end, self.rel = 0, 0, 0, [(0, 0)] * len(self.shapes)
         self.space.close()
 
 
