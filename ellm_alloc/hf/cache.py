@@ -1,7 +1,7 @@
 """ElasticCache: a transformers Cache over ContiguousKV.
 
     cache = ElasticCache(model.config, max_batch_size=B, max_cache_len=L)
-    model.generate(ids, attention_mask=mask, past_key_values=cache)
+    model.generate(ids, attention_mask=mask, cache=cache)   # past_key_values= before 5.24
 
 What it keeps from StaticCache: every layer's `keys` / `values` are fixed
 tensors of shape [max_batch_size, kv_heads, max_cache_len, head_dim] whose
@@ -39,10 +39,15 @@ layer_types, else sliding_window / attention_chunk_size, shared-KV and
 attention-free layers keeping nothing), and each layer's heads, head dims
 (K's and V's may differ, as in MLA models) and dtype are those of its first
 update(). Each attention layer has a PageSpace of its own (pool owner
-"hf.full" for every full layer, "hf.sliding<i>" for sliding ones). Layer types that need more than update()
-(linear-attention / Mamba states, DSA indexers, compressed attention) are
-refused at construction with a ValueError naming the layer, transformers'
-layer class and the method it needs.
+"hf.full" for every full layer, "hf.sliding<i>" for sliding ones).
+Linear-attention and Mamba layers (and hybrids of both) keep their conv and
+recurrent states in pool slots shared by all such layers (ellm_alloc.hf.linear,
+owner "hf.states<i>"); sparse-attention (DSA) layers keep their indexer keys
+in a token range beside K/V (owner "hf.indexer"). Models that accept only a
+cache class of their own (MiniMax) get a subclass of it (own_caches). Layer
+types that need something else (compressed attention) are refused at
+construction with a ValueError naming the layer, transformers' layer class and
+the method it needs.
 
 Batches: generate() may use up to max_batch_size sequences (beam search and
 num_return_sequences count: pass batch * num_beams). All sequences of the
@@ -58,8 +63,9 @@ chunks in use). Or pass `pool=`. The device, dtype and head shapes are
 taken from the first update(). Tensors returned by update() are views of the
 cache's memory: do not read them after reset(), crop() or close().
 
-Supported transformers: 5.17 to 5.23 (pyproject's `hf` extra). 5.23's API is
-the reference; for the older one: get_mask_sizes() also takes a
+Supported transformers: 5.17 to 5.24 (pyproject's `hf` extra; 5.24 names the
+generate() argument `cache=`, `past_key_values=` still works there). 5.24's
+API is the reference; for the older ones: get_mask_sizes() also takes a
 cache_position tensor, crop() also takes a positive length to keep, and
 get_max_cache_shape() is provided next to get_max_length().
 """
