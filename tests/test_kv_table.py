@@ -19,9 +19,11 @@ SPECS = {
 T = list(range(100, 160))
 
 
-def make(pool, kinds: str) -> KVCacheManager:
+def make(pool, kinds: str, checkpoint: int = BS) -> KVCacheManager:
+    """checkpoint: tokens between saved Mamba states (BS: at every block boundary)."""
     model = ModelKVSpec(kinds, tuple(SPECS[k] for k in kinds.split("+")))
-    return KVCacheManager(model, pool, block_size=BS, max_cached_fraction=float("inf"))
+    return KVCacheManager(model, pool, block_size=BS, max_cached_fraction=float("inf"),
+                          state_checkpoint_tokens=checkpoint)
 
 
 def run(mgr, rid, tokens, mode):
@@ -67,9 +69,10 @@ HIT_ROWS = [
     ("chunked", "decode", 17, ("diverge", 17, 13), (), 12),
     ("chunked", "prompt", 24, ("same", 25), (), 24),
     ("chunked", "prompt", 24, ("same", 23), (), 20),
-    # Mamba: the state saved at the end of the hit's last block. A one-shot
-    # prefill saves only its final state (block 4 here, not yet full), so
-    # nothing hits; token-by-token decoding saved a state at every boundary.
+    # Mamba, a state saved at every block boundary: the state at the end of
+    # the hit's last block. A one-shot prefill saves only its final state
+    # (block 4 here, not yet full), so nothing hits; token-by-token decoding
+    # saved a state at every boundary.
     ("mamba", "prompt", 17, ("same", 17), (), 0),
     ("mamba", "prompt", 16, ("same", 17), (), 16),
     ("mamba", "prompt", 16, ("same", 30), (), 16),
@@ -256,7 +259,7 @@ def test_mamba_state_moves_only_to_leave_a_cache_entry(pool, caching, moves):
     block moves up the table, with its bytes, and nothing is mapped or copied."""
     model = ModelKVSpec("m", (SPECS["mamba"],))
     mgr = KVCacheManager(model, pool, block_size=BS, enable_prefix_caching=caching,
-                         max_cached_fraction=float("inf"))
+                         max_cached_fraction=float("inf"), state_checkpoint_tokens=BS)  # every boundary
     mgr.add_request("a", T[:3])
     mgr.allocate_slots("a", 3)
     (states,) = mgr.layer_tensors(0)
@@ -291,3 +294,100 @@ def test_mamba_state_shared_by_a_fork_is_copied_even_without_caching(pool):
     assert bp is not None and bc is not None and bp != bc
     mgr.check()
     mgr.close()
+
+
+# ---- Mamba checkpoints ------------------------------------------------------------------
+
+# (checkpoint tokens, how the seed was computed, seed length, query, expected hit)
+# Saved: the first boundary at or after the prompt (the seed's prompt is its
+# first token in "decode" mode, so boundary 4) and every `checkpoint` tokens.
+CHECKPOINT_ROWS = [
+    (16, "decode", 17, ("same", 17), 16),  # boundaries 4 and 16 saved
+    (16, "decode", 17, ("same", 13), 4),  # 8 and 12 were updated in place
+    (8, "decode", 17, ("same", 13), 8),
+    (8, "decode", 17, ("same", 17), 16),
+    (16, "prompt", 16, ("same", 17), 16),  # the prompt's end is a boundary
+    (16, "prompt", 10, ("same", 17), 0),  # its first boundary (12) was never reached
+    (16, "decode", 17, ("diverge", 17, 10), 4),
+]
+
+
+@pytest.mark.parametrize("checkpoint,mode,seed_len,q,expected", CHECKPOINT_ROWS)
+@pytest.mark.parametrize("kinds", ["mamba", "full+mamba"])
+def test_mamba_hits_land_on_checkpoints(pool, kinds, checkpoint, mode, seed_len, q, expected):
+    mgr = make(pool, kinds, checkpoint)
+    run(mgr, "seed", T[:seed_len], mode)
+    mgr.free("seed")
+    assert mgr.add_request("q", query(q)) == expected
+    assert mgr.allocate_slots("q", len(query(q)) - expected)
+    mgr.check()
+    mgr.close()
+
+
+def chat_turns(mgr, turns: list[tuple[int, int]]) -> list[int]:
+    """A conversation: turn k's prompt is everything before it plus prompt_k
+    new tokens, prefilled in one pass after its hit, then out_k tokens
+    decoded one by one. Returns each turn's hit."""
+    tokens: list[int] = []
+    hits = []
+    for k, (new, out) in enumerate(turns):
+        tokens += [1000 * (k + 1) + i for i in range(new)]
+        rid = f"turn{k}"
+        hit = mgr.add_request(rid, tokens)
+        hits.append(hit)
+        assert mgr.allocate_slots(rid, len(tokens) - hit)
+        for i in range(out):
+            tokens.append(7 * k + i)
+            assert mgr.allocate_slots(rid, 1, new_token_ids=[tokens[-1]])
+        mgr.check()
+        mgr.free(rid)
+    return hits
+
+
+# (checkpoint, [(new prompt tokens, output tokens) per turn], expected hit of each turn)
+# BS = 4. Turn k+1 extends turn k's prompt and output, so it hits the first
+# boundary after turn k's prompt (saved there) or a later checkpoint that
+# turn k's output crossed, never a boundary updated in place.
+MULTI_TURN_ROWS = [
+    (64, [(10, 6), (5, 6), (3, 2)], [0, 12, 24]),  # prompts end at 10 and 21: states saved at 12 and 24
+    (8, [(10, 12), (5, 6)], [0, 16]),  # turn 0 saved 12 and 16 (checkpoint); turn 1 prompt 27 > 16
+    (64, [(8, 1), (4, 1)], [0, 8]),  # the prompt ends on a boundary: the state there is saved
+    (64, [(10, 1), (4, 1)], [0, 0]),  # 1 output token never reaches boundary 12
+]
+
+
+@pytest.mark.parametrize("checkpoint,turns,expected", MULTI_TURN_ROWS)
+@pytest.mark.parametrize("kinds", ["mamba", "full+mamba"])
+def test_multi_turn_hits_land_on_the_previous_turn(pool, kinds, checkpoint, turns, expected):
+    mgr = make(pool, kinds, checkpoint)
+    assert chat_turns(mgr, turns) == expected
+    mgr.close()
+
+
+def test_steady_decode_moves_states_in_place(pool):
+    """Between checkpoints a decode step maps nothing, unmaps nothing and
+    copies no state; crossing a checkpoint copies one state."""
+    mgr = make(pool, "full+mamba", checkpoint=16)
+    mamba = next(i for i, g in enumerate(mgr.layout.groups) if g.kind == "mamba")
+    state_bytes = mgr.layout.groups[mamba].small_page_bytes
+    mgr.add_request("r", T[:13])
+    assert mgr.allocate_slots("r", 13)  # boundary 16 is the prompt's checkpoint
+    before = mgr.usage()["groups"][mamba]
+    for t in T[13:16]:  # tokens 14..16: no boundary crossed
+        assert mgr.allocate_slots("r", 1, new_token_ids=[t])
+    assert mgr.allocate_slots("r", 1, new_token_ids=[T[16]])  # 17th token: crosses 16, a checkpoint
+    crossed = mgr.usage()["groups"][mamba]
+    assert crossed["state_bytes_copied"] - before["state_bytes_copied"] == state_bytes
+    for t in T[17:31]:  # boundaries 20, 24, 28 are not checkpoints
+        assert mgr.allocate_slots("r", 1, new_token_ids=[t])
+        now = mgr.usage()["groups"][mamba]
+        assert (now["maps"], now["unmaps"], now["state_bytes_copied"]) == \
+            (crossed["maps"], crossed["unmaps"], crossed["state_bytes_copied"])
+    mgr.check()
+    mgr.close()
+
+
+def test_checkpoint_tokens_must_be_a_multiple_of_the_block_size(pool):
+    for bad in (0, -4, 6, 4.0, True, "8"):
+        with pytest.raises(ValueError, match="state_checkpoint_tokens must be a positive multiple of block_size=4"):
+            make(pool, "mamba", bad)

@@ -27,7 +27,10 @@ from ..errors import OutOfMemoryError
 from ..pool import Pool
 from .block_pool import GroupBlockPool, NoFreeBlocks, PageReclaimed
 from .layout import KVGroup, PageLayout, plan_layout
-from .single_type import MANAGER_FOR_KIND, SingleTypeManager
+from .single_type import MANAGER_FOR_KIND, MambaManager, SingleTypeManager
+
+#: Default tokens between saved recurrent states (see KVCacheManager).
+DEFAULT_STATE_CHECKPOINT_TOKENS = 512
 from .space import PageSpace
 from .spec import ModelKVSpec
 
@@ -74,6 +77,7 @@ class KVCacheManager:
         uniform_pages: bool = False,
         static_shares: dict[int, float] | None = None,
         compact: bool = True,
+        state_checkpoint_tokens: int | None = None,
     ):
         """compact: when freeing leaves large pages sparsely used, move live
         blocks together so their chunks return to the pool (block ids of
@@ -82,12 +86,25 @@ class KVCacheManager:
         uniform_pages, static_shares and compact=False turn the manager into
         the baselines of `bench kv`: one padded page size for every group
         (engines without two-level pages), and a fixed share of the budget per
-        group, held whether used or not (a static per-type partition)."""
+        group, held whether used or not (a static per-type partition).
+
+        state_checkpoint_tokens: a recurrent (Mamba / linear-attention) state
+        is saved for the prefix cache every this many tokens, and at the
+        first block boundary after the prompt; in between it is updated in
+        place (see MambaManager). A positive multiple of block_size; by
+        default DEFAULT_STATE_CHECKPOINT_TOKENS rounded up to one."""
         chunk = pool.stats()["chunk_bytes"]
         self.pool = pool
         self.model = model
         self.block_size = block_size
         self.layout: PageLayout = plan_layout(model, block_size, chunk, max_large_page_bytes, uniform_pages)
+        if state_checkpoint_tokens is None:
+            state_checkpoint_tokens = -(-DEFAULT_STATE_CHECKPOINT_TOKENS // block_size) * block_size
+        if (isinstance(state_checkpoint_tokens, bool) or not isinstance(state_checkpoint_tokens, int)
+                or state_checkpoint_tokens <= 0 or state_checkpoint_tokens % block_size):
+            raise ValueError(f"state_checkpoint_tokens must be a positive multiple of block_size={block_size}, "
+                             f"got {state_checkpoint_tokens!r}")
+        self.state_checkpoint_tokens = state_checkpoint_tokens
         self.enable_prefix_caching = enable_prefix_caching
         self.max_cached_fraction = max_cached_fraction
         capacity = capacity_bytes or pool.stats()["budget_bytes"]
@@ -103,7 +120,10 @@ class KVCacheManager:
                 bp.max_pages = int(capacity * static_shares.get(g.group_id, 0.0)) // g.large_page_bytes
             self.spaces.append(space)
             self.pools.append(bp)
-            self.managers.append(MANAGER_FOR_KIND[g.kind](g, bp))
+            if g.kind == "mamba":
+                self.managers.append(MambaManager(g, bp, state_checkpoint_tokens // block_size))
+            else:
+                self.managers.append(MANAGER_FOR_KIND[g.kind](g, bp))
         self.static = static_shares is not None
         self.compact_enabled = compact
         self.stats_blocks_moved = 0
@@ -130,6 +150,8 @@ class KVCacheManager:
         st = RequestState(request_id, list(prompt_token_ids), tuple(extra_keys), prompt_len=len(prompt_token_ids))
         st.hashes = chain_hashes(st.token_ids, self.block_size, st.extra_keys)
         self.requests[request_id] = st
+        for m in self.managers:
+            m.start_request(request_id, st.prompt_len)
         self.stats_query_tokens += len(prompt_token_ids)
         if not self.enable_prefix_caching:
             return 0
@@ -239,6 +261,7 @@ class KVCacheManager:
             for m, space in zip(self.managers, self.spaces):
                 blocks = list(m.req_blocks.get(parent_id, []))
                 m.req_blocks[child_id] = [None] * len(blocks)
+                m.start_request(child_id, parent.prompt_len)
                 done.append(m)
                 share_below = len(blocks) if isinstance(m, MANAGER_FOR_KIND["cross"]) else full
                 written = [i for i in range(share_below, len(blocks)) if blocks[i] is not None]
@@ -254,6 +277,8 @@ class KVCacheManager:
                         m.req_blocks[child_id][i] = blocks[i]
         except (NoFreeBlocks, PageReclaimed):
             for m in done:
+                if isinstance(m, MambaManager):
+                    m.prompt_len.pop(child_id, None)
                 for b in m.req_blocks.pop(child_id, []):
                     if b is not None:
                         m.pool.release(b, None)
@@ -367,7 +392,7 @@ class KVCacheManager:
 
     def usage(self) -> dict:
         groups = []
-        for g, bp in zip(self.layout.groups, self.pools):
+        for g, bp, space, m in zip(self.layout.groups, self.pools, self.spaces, self.managers):
             groups.append({
                 "group": g.group_id,
                 "kind": g.kind,
@@ -382,6 +407,10 @@ class KVCacheManager:
                 "cached_blocks": bp.num_evictable(),
                 "free_slots": bp.num_free_slots(),
                 "evictions": bp.evictions,
+                # Cumulative: a step's maps are the difference of two usage() calls.
+                "maps": space.stats()["maps"],
+                "unmaps": space.stats()["unmaps"],
+                "state_bytes_copied": getattr(m, "bytes_copied", 0),
             })
         mapped = self.mapped_bytes()
         return {
@@ -391,6 +420,9 @@ class KVCacheManager:
             "requests": len(self.requests),
             "prefix_hit_rate": self.stats_hit_tokens / self.stats_query_tokens if self.stats_query_tokens else 0.0,
             "blocks_moved_by_compaction": self.stats_blocks_moved,
+            "maps": sum(g["maps"] for g in groups),
+            "unmaps": sum(g["unmaps"] for g in groups),
+            "state_bytes_copied": sum(g["state_bytes_copied"] for g in groups),
             "groups": groups,
         }
 

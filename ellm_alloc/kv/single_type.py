@@ -100,6 +100,9 @@ class SingleTypeManager:
 
     # -- lifetime -------------------------------------------------------------------------
 
+    def start_request(self, request_id: str, prompt_len: int) -> None:
+        """A new request with a prompt of prompt_len tokens (before its hit)."""
+
     def free(self, request_id: str, prompt_blocks: int, stream: int = 0) -> None:
         """Releases every block, tail first, so the tail is the older LRU entry."""
         blocks = self.req_blocks.pop(request_id, [])
@@ -132,13 +135,49 @@ class ChunkedLocalManager(SingleTypeManager):
 
 class MambaManager(SingleTypeManager):
     """Only the latest state is kept: one live block per request, updated in
-    place by the model. When the request crosses into a new block of tokens,
-    allocate() copies the state into a fresh block (stream-ordered on CUDA)
-    and the old block is released; it stays cached, holding the state at its
-    block boundary. A hit of L blocks needs the state saved at the end of
-    block L-1. An old block that the prefix cache does not hold (prefix
-    caching off, or its hash cached by another block) and no one else holds
-    would only be freed after the copy: it moves to the new position as it is."""
+    place by the model.
+
+    Checkpoints. The state is saved for the prefix cache only at chosen block
+    boundaries: the first boundary at or after the end of the prompt (what a
+    follow-up turn, which extends this prompt and its output, hits) and every
+    `checkpoint_blocks` blocks. When a request crosses a checkpoint, allocate()
+    copies the state into a fresh block (stream-ordered on CUDA) and the old
+    block, holding the state at the checkpoint, stays cached. Between
+    checkpoints the state's block just moves to the new position, uncached:
+    no copy, no map, no unmap, whatever the state's size. A hit of L blocks
+    needs the state saved at the end of block L-1, so hits land only on
+    checkpoints. An old block that someone else holds (a fork, a prefix hit
+    not yet moved past) is copied too, as it must stay as it is."""
+
+    def __init__(self, group: KVGroup, pool: GroupBlockPool, checkpoint_blocks: int = 1):
+        super().__init__(group, pool)
+        self.checkpoint_blocks = checkpoint_blocks
+        self.prompt_len: dict[str, int] = {}
+        self.bytes_copied = 0  # state bytes copied at checkpoints (and for shared blocks)
+
+    def start_request(self, request_id: str, prompt_len: int) -> None:
+        self.prompt_len[request_id] = prompt_len
+
+    def is_checkpoint(self, request_id: str, index: int) -> bool:
+        """Whether the state at the end of block `index` is saved."""
+        end = index + 1
+        prompt_end = -(-self.prompt_len.get(request_id, 0) // self.bs)
+        return end % self.checkpoint_blocks == 0 or end == prompt_end
+
+    def cache_blocks(self, request_id: str, hashes: list[int], num_tokens: int) -> None:
+        """Offers only checkpoint blocks to the prefix cache: the others are
+        overwritten in place as the request goes on."""
+        blocks = self.req_blocks.get(request_id, [])
+        start = self.num_cached.get(request_id, 0)
+        end = min(num_tokens // self.bs, len(blocks), len(hashes))
+        for i in range(start, end):
+            if blocks[i] is not None and self.is_checkpoint(request_id, i):
+                self.pool.cache(blocks[i], hashes[i])
+        self.num_cached[request_id] = max(start, end)
+
+    def free(self, request_id: str, prompt_blocks: int, stream: int = 0) -> None:
+        self.prompt_len.pop(request_id, None)
+        super().free(request_id, prompt_blocks, stream)
 
     def first_needed_block(self, num_tokens: int) -> int:
         return (num_tokens - 1) // self.bs if num_tokens else 0
@@ -173,6 +212,7 @@ class MambaManager(SingleTypeManager):
             data, step, size = self.pool.space.bytes_view(), self.group.padded_small_bytes, self.group.small_page_bytes
             old = blocks[last]
             data[new * step:new * step + size].copy_(data[old * step:old * step + size])
+            self.bytes_copied += size
         return [new]
 
     def remove_skipped(self, request_id: str, num_tokens: int, stream: int = 0) -> int:
