@@ -24,7 +24,18 @@ $(STAMP): $(BIN)/python pyproject.toml CMakeLists.txt $(wildcard csrc/*)
 demo: $(STAMP)
 	$(BIN)/python -m ellm_alloc.demo
 
-test: $(STAMP)
+# The fake CUDA driver (tests/fakecuda/): a test-only stand-in for
+# libcuda.so.1 that runs the CUDA backend over host memory. It is compiled
+# against the same cuda.h as the backend; without cuda.h there is no CUDA
+# backend to test and the rule makes nothing (its tests skip).
+CUDA_INCLUDE ?= $(firstword $(wildcard $(CUDA_HOME)/include/cuda.h /usr/local/cuda/include/cuda.h))
+FAKECUDA := build/fakecuda/libfakecuda.so
+$(FAKECUDA): tests/fakecuda/fakecuda.cpp
+	@if [ -n "$(CUDA_INCLUDE)" ]; then mkdir -p $(dir $@) && \
+	  g++ -std=c++17 -O1 -g -Wall -Wextra -shared -fPIC -I$(dir $(CUDA_INCLUDE)) $< -o $@ -lpthread; \
+	else echo "ellm_alloc: no cuda.h, the fake CUDA driver is not built"; fi
+
+test: $(STAMP) $(FAKECUDA)
 	$(BIN)/python -m pytest -q tests
 
 # The core under AddressSanitizer + UndefinedBehaviorSanitizer (the C-level

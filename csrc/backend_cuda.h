@@ -6,6 +6,16 @@
 // stays thin on purpose: all decisions live in the pool and the arena, which
 // the host backend exercises on every machine.
 //
+// Which library: ELLM_ALLOC_LIBCUDA, when set, names the driver library to
+// load instead of libcuda.so.1 (a path, or a name dlopen searches for). The
+// test suite points it at tests/fakecuda/, a strict fake driver over host
+// memory, so this file runs in CI on machines without a GPU.
+//
+// Context: every call that touches the driver runs bind() first, which makes
+// the device's primary context current in a thread that has none (torch's
+// threads usually have one; a reclaim from another owner's thread, a pool
+// made before torch touched the device, or a Python thread may not).
+//
 // Compiled only when cuda.h is available at build time (ELLM_HAVE_CUDA_H).
 #pragma once
 
@@ -13,6 +23,7 @@
 
 #include <cuda.h>
 #include <dlfcn.h>
+#include <cstdlib>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -27,6 +38,7 @@ struct CudaDriver {
   ELLM_CU_FN(cuInit)
   ELLM_CU_FN(cuDeviceGet)
   ELLM_CU_FN(cuDevicePrimaryCtxRetain)
+  ELLM_CU_FN(cuDevicePrimaryCtxRelease)
   ELLM_CU_FN(cuCtxGetCurrent)
   ELLM_CU_FN(cuCtxSetCurrent)
   ELLM_CU_FN(cuMemGetAllocationGranularity)
@@ -66,15 +78,17 @@ struct CudaDriver {
 
  private:
   void load() {
-    void* lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+    const char* override_path = std::getenv("ELLM_ALLOC_LIBCUDA");
+    std::string path = override_path && *override_path ? override_path : "libcuda.so.1";
+    void* lib = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
     if (!lib) {
-      error = std::string("cannot load libcuda.so.1 (no NVIDIA driver?): ") + dlerror();
+      error = "cannot load " + path + " (no NVIDIA driver?): " + dlerror();
       return;
     }
     using GetProc = CUresult (*)(const char*, void**, int, cuuint64_t, CUdriverProcAddressQueryResult*);
     auto get_proc = reinterpret_cast<GetProc>(dlsym(lib, "cuGetProcAddress_v2"));
     if (!get_proc) {
-      error = "libcuda.so.1 has no cuGetProcAddress_v2 (driver older than CUDA 12)";
+      error = path + " has no cuGetProcAddress_v2 (driver older than CUDA 12)";
       return;
     }
     // Ask for the CUDA 12.0 ABI of each symbol: the VMM and event calls we use
@@ -91,6 +105,7 @@ struct CudaDriver {
     ELLM_CU_RESOLVE(cuInit)
     ELLM_CU_RESOLVE(cuDeviceGet)
     ELLM_CU_RESOLVE(cuDevicePrimaryCtxRetain)
+    ELLM_CU_RESOLVE(cuDevicePrimaryCtxRelease)
     ELLM_CU_RESOLVE(cuCtxGetCurrent)
     ELLM_CU_RESOLVE(cuCtxSetCurrent)
     ELLM_CU_RESOLVE(cuMemGetAllocationGranularity)
@@ -113,7 +128,7 @@ struct CudaDriver {
     ELLM_CU_RESOLVE(cuGetErrorString)
 #undef ELLM_CU_RESOLVE
     if (!ok) {
-      error = "libcuda.so.1 lacks: " + error;
+      error = path + " lacks: " + error;
       return;
     }
     if (cuInit(0) != CUDA_SUCCESS) error = "cuInit failed: no usable CUDA device";
@@ -129,6 +144,8 @@ class CudaBackend final : public Backend {
     CUdevice dev;
     if (!check(drv_->cuDeviceGet(&dev, device), "cuDeviceGet")) return;
     if (!check(drv_->cuDevicePrimaryCtxRetain(&ctx_, dev), "cuDevicePrimaryCtxRetain")) return;
+    dev_ = dev;
+    retained_ = true;
     prop_.type = CU_MEM_ALLOCATION_TYPE_PINNED;
     prop_.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
     prop_.location.id = device;
@@ -142,8 +159,13 @@ class CudaBackend final : public Backend {
     ok_ = true;
   }
   ~CudaBackend() override {
-    if (!ok_) return;
-    for (CUevent e : idle_events_) drv_->cuEventDestroy(e);
+    if (ok_) {
+      Bound b(this);
+      for (CUevent e : idle_events_) drv_->cuEventDestroy(e);
+    }
+    // Each retain is matched by one release; the context lives on while
+    // torch (or another pool of this device) holds its own retain.
+    if (retained_) drv_->cuDevicePrimaryCtxRelease(dev_);
   }
   bool ok() const { return ok_; }
   const std::string& why() const { return why_; }
@@ -153,6 +175,7 @@ class CudaBackend final : public Backend {
   size_t granularity() const override { return granularity_; }
 
   int reserve(size_t bytes, uintptr_t* va) override {
+    Bound b(this);
     CUdeviceptr p = 0;
     if (!check(drv_->cuMemAddressReserve(&p, bytes, granularity_, 0, 0), "cuMemAddressReserve"))
       return kOutOfMemory;
@@ -160,9 +183,11 @@ class CudaBackend final : public Backend {
     return kOk;
   }
   void release(uintptr_t va, size_t bytes) override {
-    drv_->cuMemAddressFree(static_cast<CUdeviceptr>(va), bytes);
+    Bound b(this);
+    check(drv_->cuMemAddressFree(static_cast<CUdeviceptr>(va), bytes), "cuMemAddressFree");
   }
   int create_chunk(size_t bytes, ChunkHandle* out) override {
+    Bound b(this);
     CUmemGenericAllocationHandle h;
     CUresult r = drv_->cuMemCreate(&h, bytes, &prop_, 0);
     if (r == CUDA_ERROR_OUT_OF_MEMORY) return kOutOfMemory;
@@ -171,27 +196,29 @@ class CudaBackend final : public Backend {
     return kOk;
   }
   void destroy_chunk(ChunkHandle h, size_t) override {
-    drv_->cuMemRelease(static_cast<CUmemGenericAllocationHandle>(h));
+    Bound b(this);
+    check(drv_->cuMemRelease(static_cast<CUmemGenericAllocationHandle>(h)), "cuMemRelease");
   }
   int map(uintptr_t va, size_t bytes, ChunkHandle h) override {
-    return check(drv_->cuMemMap(static_cast<CUdeviceptr>(va), bytes, 0,
-                                static_cast<CUmemGenericAllocationHandle>(h), 0),
-                 "cuMemMap")
-               ? kOk
-               : kBackendError;
+    Bound b(this);
+    CUresult r = drv_->cuMemMap(static_cast<CUdeviceptr>(va), bytes, 0, static_cast<CUmemGenericAllocationHandle>(h), 0);
+    // The driver may run out of memory for page tables: the caller treats
+    // that as out of memory (reclaim, then fail cleanly), not as a bug.
+    if (r == CUDA_ERROR_OUT_OF_MEMORY) return kOutOfMemory;
+    return check(r, "cuMemMap") ? kOk : kBackendError;
   }
   int set_access(uintptr_t va, size_t bytes) override {
-    return check(drv_->cuMemSetAccess(static_cast<CUdeviceptr>(va), bytes, &access_, 1),
-                 "cuMemSetAccess")
+    Bound b(this);
+    return check(drv_->cuMemSetAccess(static_cast<CUdeviceptr>(va), bytes, &access_, 1), "cuMemSetAccess")
                ? kOk
                : kBackendError;
   }
   int unmap(uintptr_t va, size_t bytes) override {
-    return check(drv_->cuMemUnmap(static_cast<CUdeviceptr>(va), bytes), "cuMemUnmap") ? kOk
-                                                                                     : kBackendError;
+    Bound b(this);
+    return check(drv_->cuMemUnmap(static_cast<CUdeviceptr>(va), bytes), "cuMemUnmap") ? kOk : kBackendError;
   }
   int copy_to_host(void* dst, uintptr_t src, size_t bytes, StreamId stream) override {
-    bind();
+    Bound b(this);
     return check(drv_->cuMemcpyDtoHAsync(dst, static_cast<CUdeviceptr>(src), bytes,
                                          reinterpret_cast<CUstream>(stream)),
                  "cuMemcpyDtoHAsync")
@@ -199,7 +226,7 @@ class CudaBackend final : public Backend {
                : kBackendError;
   }
   int copy_from_host(uintptr_t dst, const void* src, size_t bytes, StreamId stream) override {
-    bind();
+    Bound b(this);
     return check(drv_->cuMemcpyHtoDAsync(static_cast<CUdeviceptr>(dst), src, bytes,
                                          reinterpret_cast<CUstream>(stream)),
                  "cuMemcpyHtoDAsync")
@@ -207,12 +234,12 @@ class CudaBackend final : public Backend {
                : kBackendError;
   }
   int mem_info(size_t* free_bytes, size_t* total_bytes) override {
-    bind();
+    Bound b(this);
     return check(drv_->cuMemGetInfo(free_bytes, total_bytes), "cuMemGetInfo") ? kOk : kBackendError;
   }
 
   int event_record(StreamId stream, EventHandle* out) override {
-    bind();
+    Bound b(this);
     CUevent e = nullptr;
     {
       std::lock_guard<std::mutex> g(mu_);
@@ -223,37 +250,64 @@ class CudaBackend final : public Backend {
     }
     if (!e && !check(drv_->cuEventCreate(&e, CU_EVENT_DISABLE_TIMING), "cuEventCreate"))
       return kBackendError;
-    if (!check(drv_->cuEventRecord(e, reinterpret_cast<CUstream>(stream)), "cuEventRecord"))
+    if (!check(drv_->cuEventRecord(e, reinterpret_cast<CUstream>(stream)), "cuEventRecord")) {
+      std::lock_guard<std::mutex> g(mu_);
+      idle_events_.push_back(e);  // still a good event: keep it, do not leak it
       return kBackendError;
+    }
     *out = reinterpret_cast<EventHandle>(e);
     return kOk;
   }
   bool event_done(EventHandle e) override {
+    Bound b(this);
     return drv_->cuEventQuery(reinterpret_cast<CUevent>(e)) != CUDA_ERROR_NOT_READY;
   }
-  void event_wait(EventHandle e) override { drv_->cuEventSynchronize(reinterpret_cast<CUevent>(e)); }
+  void event_wait(EventHandle e) override {
+    Bound b(this);
+    check(drv_->cuEventSynchronize(reinterpret_cast<CUevent>(e)), "cuEventSynchronize");
+  }
   void event_destroy(EventHandle e) override {
     std::lock_guard<std::mutex> g(mu_);
     idle_events_.push_back(reinterpret_cast<CUevent>(e));
   }
 
  private:
-  // Events and copies need a current context; torch's callers normally have
-  // one, background callers (reclaim from another thread) may not.
-  void bind() {
-    CUcontext cur = nullptr;
-    if (drv_->cuCtxGetCurrent(&cur) == CUDA_SUCCESS && cur == nullptr) drv_->cuCtxSetCurrent(ctx_);
-  }
+  // Makes this device's primary context current for the scope of one
+  // backend call. A thread with no context keeps it afterwards (as the CUDA
+  // runtime's threads do); a thread with another device's context current
+  // (torch freeing a tensor of device 1 while device 0 is current) gets its
+  // own context back at the end, so our calls never act in, or leave behind,
+  // the wrong context: events and streams of one context must not mix.
+  struct Bound {
+    CudaBackend* be;
+    CUcontext restore = nullptr;
+    explicit Bound(CudaBackend* b) : be(b) {
+      CUcontext cur = nullptr;
+      if (be->drv_->cuCtxGetCurrent(&cur) != CUDA_SUCCESS || cur == be->ctx_) return;
+      if (be->drv_->cuCtxSetCurrent(be->ctx_) == CUDA_SUCCESS) restore = cur;
+    }
+    ~Bound() {
+      if (restore) be->drv_->cuCtxSetCurrent(restore);
+    }
+    Bound(const Bound&) = delete;
+    Bound& operator=(const Bound&) = delete;
+  };
+
+  // The message of the last failed call, for the error the pool reports. A
+  // backend serves many threads: why_ is guarded by its own mutex.
   bool check(CUresult r, const char* what) {
     if (r == CUDA_SUCCESS) return true;
     const char* s = nullptr;
     if (drv_ && drv_->cuGetErrorString) drv_->cuGetErrorString(r, &s);
+    std::lock_guard<std::mutex> g(why_mu_);
     why_ = std::string(what) + ": " + (s ? s : "unknown CUDA error");
     return false;
   }
 
   int device_;
-  bool ok_ = false;
+  CUdevice dev_ = 0;
+  bool ok_ = false, retained_ = false;
+  std::mutex why_mu_;
   std::string why_;
   CudaDriver* drv_ = nullptr;
   CUcontext ctx_ = nullptr;
