@@ -37,6 +37,10 @@ struct ellm_pool {
   std::unique_ptr<ChunkPool> pool;
   std::unique_ptr<Arena> arena;
   size_t budget_bytes = 0;
+  // DLPack views say kDLCPU even on a CUDA pool: only for the fake CUDA
+  // driver of the tests, whose "device" memory is host memory (set by
+  // ellm_pool_views_on_cpu). On a real GPU a CPU tensor there would fault.
+  bool views_on_cpu = false;
 };
 
 namespace {
@@ -698,10 +702,16 @@ void* ellm_dlpack_view(ellm_pool* pool, uintptr_t addr, uint64_t nbytes) {
                                " is not a valid range (1 to 2^63-1 bytes, not wrapping the address space)");
     return nullptr;
   }
-  bool host = std::strcmp(pool->backend->name(), "host") == 0;
+  bool host = std::strcmp(pool->backend->name(), "host") == 0 || pool->views_on_cpu;
   DLManagedTensor* t = make_byte_view(addr, nbytes, host ? kDLCPU : kDLCUDA, pool->backend->device());
   if (!t) fail(kOutOfMemory, "cannot allocate a DLPack descriptor");
   return t;
+}
+
+int ellm_pool_views_on_cpu(ellm_pool* pool, int on) {
+  if (!check_pool(pool, "views_on_cpu")) return kInvalidArgument;
+  pool->views_on_cpu = on != 0;
+  return kOk;
 }
 
 void ellm_dlpack_discard(void* managed) {

@@ -123,6 +123,10 @@ void ellm_kv_get_stats(ellm_kv_space* space, ellm_kv_stats* out);
 // took. The view does not own or map the memory.
 void* ellm_dlpack_view(ellm_pool* pool, uintptr_t addr, uint64_t nbytes);
 void ellm_dlpack_discard(void* managed);
+// Test-only: this pool's DLPack views say kDLCPU whatever its backend. For a
+// CUDA pool on the fake driver (tests/fakecuda/), whose device memory is host
+// memory, so CPU torch can read it. Never on a real GPU.
+int ellm_pool_views_on_cpu(ellm_pool* pool, int on);
 int64_t ellm_dlpack_live(void);  // descriptors not yet deleted (for leak tests)
 
 // ---- host backend test controls ----

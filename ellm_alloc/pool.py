@@ -79,6 +79,9 @@ class Pool:
         self._owned = True
         self.backend = backend
         self.device = index
+        # Where this pool's tensors live: "cpu" for a host pool, "cuda" else
+        # (see views_on_cpu()).
+        self.tensor_device_type = "cpu" if backend == "host" else "cuda"
         self._reclaim_callbacks: dict[int, object] = {}  # keep ctypes callbacks alive
         self._dependents: weakref.WeakSet = weakref.WeakSet()  # KV spaces drawing on this pool
         self._lock = threading.Lock()
@@ -91,6 +94,7 @@ class Pool:
         self._owned = False
         self.backend = N.lib.ellm_pool_backend(handle).decode()
         self.device = N.lib.ellm_pool_device(handle)
+        self.tensor_device_type = "cpu" if self.backend == "host" else "cuda"
         self._reclaim_callbacks = {}
         self._dependents = weakref.WeakSet()  # KV spaces (PageSpace) register here too
         self._lock = threading.Lock()
@@ -240,6 +244,13 @@ class Pool:
         return N.lib.ellm_pool_available_chunks(self.handle, owner)
 
     # ---- host backend test controls ------------------------------------------
+
+    def views_on_cpu(self) -> None:
+        """Test-only: byte_tensor() gives CPU tensors on this pool whatever its
+        backend. For a CUDA pool on the fake driver of tests/fakecuda/, whose
+        device memory is host memory; on a real GPU they would fault."""
+        raise_for_status(N.lib.ellm_pool_views_on_cpu(self.handle, 1))
+        self.tensor_device_type = "cpu"
 
     def hold_stream(self, stream: int) -> None:
         """Host pools: events on `stream` stay incomplete (GPU work in flight)."""

@@ -20,6 +20,48 @@ from ellm_alloc import _native as N
 # them in a process of its own, and a plain run of the suite skips the folder.
 collect_ignore = [] if os.environ.get("ELLM_ALLOC_ROUTED_SUITE") else ["routed"]
 
+# ELLM_TEST_BACKEND=fakecuda runs the suite's pools on the CUDA backend
+# (csrc/backend_cuda.h, unchanged) over the fake driver of tests/fakecuda/:
+# tests/test_fakecuda_suite.py reruns the pool, arena, stream, fault, thread,
+# bad-input, KV and ElasticCache files that way, in a process of their own.
+# A "cpu" pool then becomes a CUDA pool of the fake device; the host
+# backend's test controls become the fake driver's (streams held back,
+# failures injected into cuMemCreate / cuMemMap); DLPack views of pool memory
+# are CPU tensors, since the fake's device memory is host memory.
+FAKE_CUDA = os.environ.get("ELLM_TEST_BACKEND") == "fakecuda"
+if FAKE_CUDA:
+    import fakecuda as _fakecuda
+
+    from ellm_alloc import pool as _pool_module
+
+    _fake = _fakecuda.driver()
+    _fake.foreign_streams(True)  # the suite's stream numbers stand for torch's streams
+    _parse_device = _pool_module._parse_device
+    _init = Pool.__init__
+
+    def _cuda_instead_of_host(device):
+        backend, index = _parse_device(device)
+        return ("cuda", index) if backend == "host" else (backend, index)
+
+    def _init_on_fake(self, device="cpu", budget=None, *args, **kw):
+        if budget is None and str(device).startswith("cpu"):
+            raise ValueError("a host pool needs an explicit budget, e.g. Pool('cpu', budget='1GiB')")
+        _init(self, device, budget, *args, **kw)
+        self.views_on_cpu()
+
+    _FAULT_CALL = {"create": "cuMemCreate", "map": "cuMemMap"}
+
+    def _inject_fault(self, kind, nth):
+        if kind not in _FAULT_CALL:
+            raise ValueError(f"fault kind must be 'create' or 'map', got {kind!r}")
+        _fake.fail_call(_FAULT_CALL[kind], nth, _fakecuda.CUDA_ERROR_OUT_OF_MEMORY)
+
+    _pool_module._parse_device = _cuda_instead_of_host
+    Pool.__init__ = _init_on_fake
+    Pool.hold_stream = lambda self, stream: _fake.hold_stream(stream)
+    Pool.release_stream = lambda self, stream: _fake.release_stream(stream)
+    Pool.inject_fault = _inject_fault
+
 KiB = 1 << 10
 MiB = 1 << 20
 CHUNK = 2 * MiB  # the host backend's granularity, the default chunk size

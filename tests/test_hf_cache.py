@@ -21,6 +21,7 @@ from transformers import (  # noqa: E402
 
 from ellm_alloc import Pool  # noqa: E402
 from ellm_alloc.hf import ElasticCache  # noqa: E402
+from conftest import FAKE_CUDA  # noqa: E402
 
 MiB = 1 << 20
 CHUNK = 2 * MiB
@@ -257,7 +258,9 @@ def test_default_host_pool():
         ref = model.generate(ids, attention_mask=mask, **GEN)
         out = model.generate(ids, attention_mask=mask, past_key_values=cache, **GEN)
     assert torch.equal(out, ref)
-    assert cache.pool is not None and cache.pool.backend == "host"
+    # A host pool; on the suite's fake-CUDA pass, "cpu" pools are CUDA pools of the fake device.
+    assert cache.pool is not None and cache.pool.backend == ("cuda" if FAKE_CUDA else "host")
+    assert cache.pool.tensor_device_type == "cpu"
     assert cache.mapped_bytes() > 0
     cache.close()
     assert cache.mapped_bytes() == 0

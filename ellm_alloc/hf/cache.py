@@ -177,9 +177,9 @@ class _Backing:
     def _pick_pool(self, device: torch.device) -> Pool:
         if self.pool is not None:
             pool = self.pool
-            want = "host" if device.type == "cpu" else "cuda"
-            if pool.backend != want or (want == "cuda" and device.index is not None
-                                        and pool.device != device.index):
+            want = "cpu" if device.type == "cpu" else "cuda"
+            if pool.tensor_device_type != want or (want == "cuda" and device.index is not None
+                                                   and pool.device != device.index):
                 raise ValueError(f"ElasticCache: the pool ({pool.backend}:{pool.device}) is not on the "
                                  f"model's device {device}")
             return pool
