@@ -56,6 +56,13 @@ if FAKE_CUDA:
             raise ValueError(f"fault kind must be 'create' or 'map', got {kind!r}")
         _fake.fail_call(_FAULT_CALL[kind], nth, _fakecuda.CUDA_ERROR_OUT_OF_MEMORY)
 
+    @pytest.fixture(autouse=True)
+    def _no_driver_contract_violation():
+        """Every misuse of the driver the fake detects fails the test that made it."""
+        before = _fake.violations()
+        yield
+        assert _fake.violations() == before, f"driver contract violated: {_fake.last_violation()}"
+
     _pool_module._parse_device = _cuda_instead_of_host
     Pool.__init__ = _init_on_fake
     Pool.hold_stream = lambda self, stream: _fake.hold_stream(stream)
