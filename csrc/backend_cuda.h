@@ -36,6 +36,7 @@ namespace ellm {
 struct CudaDriver {
 #define ELLM_CU_FN(name) decltype(&::name) name = nullptr;
   ELLM_CU_FN(cuInit)
+  ELLM_CU_FN(cuDeviceGetCount)
   ELLM_CU_FN(cuDeviceGet)
   ELLM_CU_FN(cuDevicePrimaryCtxRetain)
   ELLM_CU_FN(cuDevicePrimaryCtxRelease)
@@ -103,6 +104,7 @@ struct CudaDriver {
     };
 #define ELLM_CU_RESOLVE(name) resolve(#name, reinterpret_cast<void**>(&name));
     ELLM_CU_RESOLVE(cuInit)
+    ELLM_CU_RESOLVE(cuDeviceGetCount)
     ELLM_CU_RESOLVE(cuDeviceGet)
     ELLM_CU_RESOLVE(cuDevicePrimaryCtxRetain)
     ELLM_CU_RESOLVE(cuDevicePrimaryCtxRelease)
@@ -141,6 +143,14 @@ class CudaBackend final : public Backend {
   explicit CudaBackend(int device) : device_(device) {
     drv_ = CudaDriver::get(&why_);
     if (!drv_) return;
+    // A device index that does not exist is the caller's mistake: say so
+    // plainly rather than pass it to cuDeviceGet.
+    int count = 0;
+    if (!check(drv_->cuDeviceGetCount(&count), "cuDeviceGetCount")) return;
+    if (device < 0 || device >= count) {
+      why_ = "no CUDA device " + std::to_string(device) + " (this machine has " + std::to_string(count) + ")";
+      return;
+    }
     CUdevice dev;
     if (!check(drv_->cuDeviceGet(&dev, device), "cuDeviceGet")) return;
     if (!check(drv_->cuDevicePrimaryCtxRetain(&ctx_, dev), "cuDevicePrimaryCtxRetain")) return;

@@ -42,7 +42,7 @@ def test_suite_passes_on_the_cuda_backend_over_the_fake_driver():
     env.pop("ELLM_ALLOC_LIBCUDA", None)  # the child's conftest points it at the fake
     tests = F.ROOT / "tests"
     r = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *[str(tests / f) for f in FILES]],
+        [sys.executable, "-m", "pytest", "-q", "--tb=short", "-p", "no:cacheprovider", "-p", "no:warnings", *[str(tests / f) for f in FILES]],
         cwd=F.ROOT, env=env, capture_output=True, text=True, timeout=1800,
     )
     assert r.returncode == 0, f"fake-CUDA pass failed:\n{r.stdout[-8000:]}\n{r.stderr[-3000:]}"

@@ -65,7 +65,7 @@ namespace {
 // The entry points, in one list: counters, cuGetProcAddress and the tests all
 // index it. Base names (what backend_cuda.h asks cuGetProcAddress for).
 #define FAKECUDA_ENTRY_POINTS(X)                                                             \
-  X(cuInit) X(cuDeviceGet) X(cuDevicePrimaryCtxRetain) X(cuDevicePrimaryCtxRelease)           \
+  X(cuInit) X(cuDeviceGetCount) X(cuDeviceGet) X(cuDevicePrimaryCtxRetain) X(cuDevicePrimaryCtxRelease)           \
   X(cuCtxGetCurrent) X(cuCtxSetCurrent) X(cuMemGetAllocationGranularity)                     \
   X(cuMemAddressReserve) X(cuMemAddressFree) X(cuMemCreate) X(cuMemRelease) X(cuMemMap)      \
   X(cuMemUnmap) X(cuMemSetAccess) X(cuMemGetInfo) X(cuMemcpyDtoHAsync) X(cuMemcpyHtoDAsync)  \
@@ -327,6 +327,14 @@ CUresult CUDAAPI cuInit(unsigned int flags) {
   if (d.fd < 0) return CUDA_ERROR_OUT_OF_MEMORY;
   for (int i = 0; i < d.devices; ++i) d.contexts.push_back({i, 0});
   d.initialized = true;
+  return CUDA_SUCCESS;
+}
+
+CUresult CUDAAPI cuDeviceGetCount(int* count) {
+  ENTER(cuDeviceGetCount)
+  REQUIRE_INIT(cuDeviceGetCount)
+  if (!count) return violation(CUDA_ERROR_INVALID_VALUE, "cuDeviceGetCount", "NULL output");
+  *count = drv().devices;
   return CUDA_SUCCESS;
 }
 
