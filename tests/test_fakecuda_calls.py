@@ -16,6 +16,8 @@ import threading
 import pytest
 
 import fakecuda as F
+
+pytestmark = pytest.mark.skipif(not F.available(), reason="no cuda.h, or a library built without the CUDA backend")
 from ellm_alloc import Pool
 from ellm_alloc.kv.space import PageSpace
 

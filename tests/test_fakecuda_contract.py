@@ -17,9 +17,8 @@ import threading
 import pytest
 
 import fakecuda as F
-from conftest import Mem
 
-pytestmark = pytest.mark.skipif(not F.SOURCE.exists(), reason="no fake driver source")
+pytestmark = pytest.mark.skipif(not F.available(), reason="no cuda.h, or a library built without the CUDA backend")
 
 G = 2 << 20  # the fake's default granularity
 
@@ -215,17 +214,17 @@ def test_map_only_inside_a_reservation_and_never_twice(cu):
     assert cu.lib.cuMemAddressFree(va, 2 * G) == 0
 
 
-def test_memory_is_inaccessible_until_set_access_and_read_only_stays_unwritable(cu):
+def test_memory_is_inaccessible_until_set_access_and_read_only_stays_unwritable(cu, mem):
     va, h = cu.reserve(G), cu.create()
     assert cu.lib.cuMemMap(va, G, 0, h, 0) == 0
     assert cu.fake.access(va) == 0
-    assert not Mem.readable(va)
+    assert not mem.readable(va)
     assert cu.set_access(va, G, PROT_READ) == 0
-    assert Mem.readable(va) and not _writable(va)
+    assert mem.readable(va) and not _writable(va)
     assert cu.set_access(va, G, PROT_READWRITE) == 0
     assert _writable(va)
     assert cu.lib.cuMemUnmap(va, G) == 0
-    assert not Mem.readable(va)
+    assert not mem.readable(va)
     assert cu.lib.cuMemRelease(h) == 0
     assert cu.lib.cuMemAddressFree(va, G) == 0
 

@@ -17,6 +17,8 @@ import pytest
 
 import fakecuda as F
 
+pytestmark = pytest.mark.skipif(not F.available(), reason="no cuda.h, or a library built without the CUDA backend")
+
 FILES = [
     "test_pool_owners.py",
     "test_arena_stateful.py",

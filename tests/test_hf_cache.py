@@ -3,6 +3,7 @@ random-weight models built from configs (no downloads), on host pools."""
 from __future__ import annotations
 
 import gc
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -21,7 +22,6 @@ from transformers import (  # noqa: E402
 
 from ellm_alloc import Pool  # noqa: E402
 from ellm_alloc.hf import ElasticCache  # noqa: E402
-from conftest import FAKE_CUDA  # noqa: E402
 
 MiB = 1 << 20
 CHUNK = 2 * MiB
@@ -259,7 +259,7 @@ def test_default_host_pool():
         out = model.generate(ids, attention_mask=mask, past_key_values=cache, **GEN)
     assert torch.equal(out, ref)
     # A host pool; on the suite's fake-CUDA pass, "cpu" pools are CUDA pools of the fake device.
-    assert cache.pool is not None and cache.pool.backend == ("cuda" if FAKE_CUDA else "host")
+    assert cache.pool is not None and cache.pool.backend == ("cuda" if os.environ.get("ELLM_TEST_BACKEND") == "fakecuda" else "host")
     assert cache.pool.tensor_device_type == "cpu"
     assert cache.mapped_bytes() > 0
     cache.close()

@@ -29,6 +29,21 @@ CUDA_ERROR_NOT_READY = 600
 LIVE_FIELDS = ("allocations", "mappings", "reservations", "events", "streams", "host_allocs", "context_retains")
 
 
+def cuda_header() -> Path | None:
+    """cuda.h, where the Makefile looks for it (CUDA_HOME, then /usr/local/cuda)."""
+    for base in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if base and (Path(base) / "include" / "cuda.h").exists():
+            return Path(base) / "include" / "cuda.h"
+    return None
+
+
+def available() -> bool:
+    """Whether the fake can run here: cuda.h to build it, and a library built with the CUDA backend."""
+    from ellm_alloc import _native as N
+
+    return cuda_header() is not None and "cuda" in N.lib.ellm_build_info().decode()
+
+
 def build() -> Path:
     """Builds the library if it is missing or older than its source; returns its path."""
     if not LIB_PATH.exists() or LIB_PATH.stat().st_mtime < SOURCE.stat().st_mtime:
