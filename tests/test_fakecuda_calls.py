@@ -8,16 +8,21 @@ The real backend_cuda.h runs here; the fake driver counts every entry point.
     cached allocation;
   * a CUDA pool works from a thread that has no current context, and gives
     every driver resource back when closed.
+Run by tests/test_fakecuda_suite.py, in the fake-CUDA pass.
 """
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
 
 import fakecuda as F
 
-pytestmark = pytest.mark.skipif(not F.available(), reason="no cuda.h, or a library built without the CUDA backend")
+# CUDA pools need the backend pointed at the fake before the process's first
+# CUDA pool: these tests run in the fake-CUDA pass (tests/test_fakecuda_suite.py).
+pytestmark = pytest.mark.skipif(os.environ.get("ELLM_TEST_BACKEND") != "fakecuda",
+                                reason="runs in the fake-CUDA pass of the suite")
 from ellm_alloc import Pool
 from ellm_alloc.kv.space import PageSpace
 

@@ -124,7 +124,7 @@ class Cu:
 
 @pytest.fixture
 def cu():
-    fake = F.driver()
+    fake = F.load()
     fake.quiet(True)  # the violations below are deliberate
     c = Cu(fake)
     yield c

@@ -20,6 +20,7 @@ import fakecuda as F
 pytestmark = pytest.mark.skipif(not F.available(), reason="no cuda.h, or a library built without the CUDA backend")
 
 FILES = [
+    "test_fakecuda_calls.py",
     "test_pool_owners.py",
     "test_arena_stateful.py",
     "test_streams.py",

@@ -121,14 +121,24 @@ class FakeCuda:
 _driver: FakeCuda | None = None
 
 
-def driver() -> FakeCuda:
-    """Builds the fake, makes this process's CUDA backend load it, returns its controls.
+def load() -> FakeCuda:
+    """Builds the fake and returns its controls, for tests that call its entry points themselves.
 
-    The backend reads ELLM_ALLOC_LIBCUDA once, when the first CUDA pool of the
-    process is made; that must come after this call."""
+    The CUDA backend of this process is left alone: it still loads
+    libcuda.so.1 (driver() points it at the fake)."""
     global _driver
     if _driver is None:
-        path = build()
-        os.environ["ELLM_ALLOC_LIBCUDA"] = str(path)
-        _driver = FakeCuda(path)
+        _driver = FakeCuda(build())
     return _driver
+
+
+def driver() -> FakeCuda:
+    """load(), and makes this process's CUDA backend load the fake.
+
+    The backend reads ELLM_ALLOC_LIBCUDA once, when the process first asks for
+    a CUDA pool; so this is done at start-up of a process of its own (the
+    fake-CUDA pass of the suite, tests/conftest.py), never in the main test
+    process, whose later subprocesses (the GPU tier) must see the real driver."""
+    fake = load()
+    os.environ["ELLM_ALLOC_LIBCUDA"] = str(fake.path)
+    return fake
