@@ -168,6 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     kp.add_argument("--budget", help="KV pool budget (default 16GiB, or twice the longest request's need "
                                      "when that is more)")
     kp.add_argument("--block-size", type=int, default=16)
+    kp.add_argument("--state-checkpoint-tokens", type=int,
+                    help="tokens between saved recurrent states (default: the KV manager's, 512)")
+    kp.add_argument("--max-cached-fraction", type=float,
+                    help="cached prefix blocks kept, as a fraction of live blocks (default: the KV "
+                         "manager's, 0.02; inf keeps them until memory is short)")
     kp.add_argument("--json", action="store_true")
     gn = sub.add_parser("generate", help="generate(): ElasticCache vs DynamicCache vs StaticCache")
     gn.add_argument("--model", required=True, help="preset name (llama3-8b, gemma3-12b-like, ...)")
@@ -212,7 +217,9 @@ def main(argv: list[str] | None = None) -> int:
             model = get_preset(args.model) if args.model else ModelKVSpec.from_json(args.spec)
             budget = parse_size(args.budget, "budget") if args.budget else None
             for w in workloads:
-                r = kvbench.run(model, w, budget, args.block_size)
+                r = kvbench.run(model, w, budget, args.block_size,
+                                state_checkpoint_tokens=args.state_checkpoint_tokens,
+                                max_cached_fraction=args.max_cached_fraction)
                 kvbench.print_report(r)
                 reports.append(r)
         except (ValueError, OSError) as e:
