@@ -61,7 +61,7 @@ import torch
 
 from ..pool import Pool
 from .cache import ElasticLayer
-from .storage import TokenRanges
+from .storage import TokenRanges, _minus
 
 __all__ = ["FixedLayer", "FixedTokenRanges"]
 
@@ -86,6 +86,21 @@ class FixedTokenRanges(TokenRanges):
         except BaseException:
             self.space.close()
             raise
+
+    def fit(self, batch: int, start: int, end: int) -> None:
+        """TokenRanges.fit, then zeros on every chunk it mapped: a recycled
+        chunk holds whatever its last owner wrote, and attention reads this
+        chunk's unwritten tail too (masked, but masking does not make NaN
+        or inf harmless). StaticCache's tensors start as zeros; so do ours."""
+        old_batch, old_rel = self.batch, list(self.rel)
+        super().fit(batch, start, end)
+        flat = self.space.bytes_view()
+        for p in range(2):
+            for seq in range(batch):
+                old = old_rel[p] if seq < old_batch else (0, 0)
+                base = self.first_page[p] + seq * self.region_pages[p]
+                for lo, hi in _minus(self.rel[p], old):
+                    flat[(base + lo) * self.chunk:(base + hi) * self.chunk].zero_()
 
     def views(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._views is None:
@@ -133,7 +148,6 @@ class FixedLayer(ElasticLayer):
 
     def __init__(self, backing: Any, index: int, window: int | None = None):
         super().__init__(backing, index, window)
-        self.is_croppable = True  # positions are absolute; a crop unmaps what it drops
         # The sequence length as a tensor, for get_seq_length() inside compiled
         # code (an int there would be guarded on and recompile every step).
         self.cumulative_length = torch.zeros((), dtype=torch.int64)
@@ -225,6 +239,14 @@ class FixedLayer(ElasticLayer):
         start = max(length - self.window + 1, 0) if self.is_sliding else 0
         return start, length
 
+    def _still_mapped(self, token: int) -> bool:
+        """Whether `token` and every later one still lie in mapped chunks of both
+        planes (a sliding layer gives back whole chunks, so tokens a little
+        older than the window may still be there)."""
+        store = self._store
+        return all(lo < hi and token * tb // store.chunk >= lo
+                   for tb, (lo, hi) in zip(store.token_bytes, store.rel))
+
     def reset(self) -> None:
         super().reset()
         self.cumulative_length.zero_()
@@ -236,7 +258,7 @@ class FixedLayer(ElasticLayer):
         target = max(self.length + tokens, 0) if tokens < 0 else min(tokens, self.length) if tokens else self.length
         if target >= self.length:
             return
-        if self.is_sliding and target > 0 and max(target - self.window + 1, 0) < self._kept()[0]:
+        if self.is_sliding and target > 0 and not self._still_mapped(max(target - self.window + 1, 0)):
             raise RuntimeError(
                 f"ElasticCache layer {self.index}: cannot crop a sliding-window layer (window {self.window}) "
                 f"from {self.length} to {target} tokens: the tokens it needs have left the window"
