@@ -40,6 +40,9 @@ shapes reuses the compiled graph. `cumulative_length`, a tensor advanced in
 the graph as StaticLayer's is, answers get_seq_length() inside compiled code.
 
 Limits:
+  * The first update() of a layer reserves its KV space (pool calls): run
+    the prefill eagerly (generate() does, unless its prefill is chunked), or call
+    cache.early_initialization(...) first, as for StaticCache.
   * CUDA graphs (mode="reduce-overhead") replay kernels without running the
     operator, so no chunk would be mapped: not supported.
   * Sliding-window layers keep the full [.., max_cache_len, ..] view with
@@ -218,8 +221,9 @@ class FixedLayer(ElasticLayer):
             self.lazy_initialization(key_states, value_states)
         self._check_shapes(key_states, value_states)
         batch, tokens = key_states.shape[0], key_states.shape[2]
-        # The whole tensors go in, not [:batch] views: inductor writes a
-        # custom operator's output in place only into a graph input itself.
+        # The whole tensors go in, not [:batch] views, so the operator's
+        # declared write is to graph inputs themselves, which inductor
+        # performs in place (checked; views of inputs were not tried).
         torch.ops.ellm_alloc.fixed_write(self._key, self.keys, self.values, key_states, value_states)
         self.cumulative_length.add_(tokens)
         return self.keys[:batch], self.values[:batch]
