@@ -157,6 +157,34 @@ def test_compiled_decoding_matches_static_cache_without_recompiling(pool):
     pool.validate()
 
 
+def test_generate_compiles_its_decode_steps_and_matches_static_cache(pool):
+    """generate() itself compiles the decode steps for a compileable cache
+    (on CPU when the compile config allows all devices): StaticCache's tokens,
+    one graph, no graph break (fullgraph)."""
+    from transformers import CompileConfig
+    from torch._dynamo.utils import counters
+
+    model = wide_model()
+    ids, mask = batch()
+    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    config = CompileConfig(fullgraph=True)
+    config._compile_all_devices = True  # transformers compiles on CPU only when asked
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        with torch.no_grad():
+            ref = model.generate(ids, attention_mask=mask, past_key_values=StaticCache(model.config, max_cache_len=512),
+                                 **kw)
+            cache = ElasticCache(model.config, max_batch_size=2, max_cache_len=512, pool=pool, fixed_shapes=True)
+            out = model.generate(ids, attention_mask=mask, past_key_values=cache, compile_config=config, **kw)
+        assert counters["stats"]["unique_graphs"] == 1  # the decode step was compiled, once
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(out, ref)
+    cache.close()
+    pool.validate()
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_generate_matches_static_cache(name, pool):
     """Eager generate() with full and sliding layers (Mistral, Gemma-3):
