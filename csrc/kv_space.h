@@ -32,6 +32,10 @@
 // before mapping the page's own chunk. A zero page is not "mapped": unmapping,
 // pinning or marking it reclaimable is refused as for an unmapped one.
 // clear_zero_fill() and teardown take every zero mapping off again.
+// Swapping a page between its own chunk and the zero chunk is an unmap then a
+// map, so a read racing with it could fault: callers order a swap after the
+// work that reads the page (unmap and reclaim honour the page's fence;
+// map_pages() waits for the default stream before replacing zero pages).
 #pragma once
 
 #include <algorithm>
