@@ -186,6 +186,29 @@ class CudaBackend final : public Backend {
                ? kOk
                : kBackendError;
   }
+  // Never run on a GPU yet (compiled only): the zero chunk's mappings. Each
+  // chunk of the run is a cuMemMap of the same handle, then one
+  // cuMemSetAccess grants read-only access (CU_MEM_ACCESS_FLAGS_PROT_READ), so
+  // a kernel that writes there faults instead of writing anyone's memory.
+  int map_read_only(uintptr_t va, size_t bytes, ChunkHandle h, size_t chunk) override {
+    if (chunk == 0 || bytes == 0 || bytes % chunk) return kInvalidArgument;
+    for (uintptr_t a = va; a < va + bytes; a += chunk) {
+      if (!check(drv_->cuMemMap(static_cast<CUdeviceptr>(a), chunk, 0,
+                                static_cast<CUmemGenericAllocationHandle>(h), 0),
+                 "cuMemMap (read-only)")) {
+        for (uintptr_t b = va; b < a; b += chunk) drv_->cuMemUnmap(static_cast<CUdeviceptr>(b), chunk);
+        return kBackendError;
+      }
+    }
+    CUmemAccessDesc read_only = access_;
+    read_only.flags = CU_MEM_ACCESS_FLAGS_PROT_READ;
+    if (!check(drv_->cuMemSetAccess(static_cast<CUdeviceptr>(va), bytes, &read_only, 1),
+               "cuMemSetAccess (read-only)")) {
+      for (uintptr_t a = va; a < va + bytes; a += chunk) drv_->cuMemUnmap(static_cast<CUdeviceptr>(a), chunk);
+      return kBackendError;
+    }
+    return kOk;
+  }
   int unmap(uintptr_t va, size_t bytes) override {
     return check(drv_->cuMemUnmap(static_cast<CUdeviceptr>(va), bytes), "cuMemUnmap") ? kOk
                                                                                      : kBackendError;

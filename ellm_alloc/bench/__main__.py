@@ -8,8 +8,9 @@ hotpath        times cached malloc/free pairs inside C, ours and glibc's, on
 kv             a request workload through the KV manager, a max-page-size
                baseline and a static per-type partition, side by side.
 generate       HF generate() on a scaled random-weight model of a preset:
-               ElasticCache vs DynamicCache vs StaticCache (peak KV and total
-               bytes, tokens/s, largest batch within a KV budget).
+               ElasticCache (growing, and fixed-shape for torch.compile) vs
+               DynamicCache vs StaticCache (peak KV and total bytes, tokens/s,
+               largest batch within a KV budget).
 cpu-routing    the same generate() with torch's native CPU allocator and with
                the pool (enable(device="cpu")), in alternating fresh processes:
                tokens/s of each and their ratio, fragmentation, malloc calls.
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="cached prefix blocks kept, as a fraction of live blocks (default: the KV "
                          "manager's, 0.02; inf keeps them until memory is short)")
     kp.add_argument("--json", action="store_true")
-    gn = sub.add_parser("generate", help="generate(): ElasticCache vs DynamicCache vs StaticCache")
+    gn = sub.add_parser("generate", help="generate(): ElasticCache (growing, fixed-shape) vs DynamicCache vs StaticCache")
     gn.add_argument("--model", required=True, help="preset name (llama3-8b, gemma3-12b-like, ...)")
     gn.add_argument("--batch", type=int, default=4)
     gn.add_argument("--prompt-len", type=int, default=128)
