@@ -44,6 +44,24 @@ def long_context(rng):
     return {"name": "long_context", "requests": reqs}
 
 
+def multi_turn(rng):
+    """Multi-turn chat: 60 conversations of 2 to 6 turns. Each turn's prompt
+    is the conversation so far (earlier prompts and answers) plus a new user
+    message; the next turn arrives some steps after this one could finish."""
+    reqs, t = [], 0.0
+    for c in range(60):
+        t += rng.expovariate(0.1)
+        arrival, so_far = t, 0
+        for _ in range(rng.randrange(2, 7)):
+            prompt = so_far + lognormal(rng, 120, 0.7, 8, 1500)
+            output = lognormal(rng, 150, 0.6, 8, 800)
+            reqs.append({"arrival": int(arrival), "prompt": prompt, "output": output, "conversation": f"c{c}"})
+            so_far = prompt + output
+            arrival += output + rng.randrange(20, 200)
+    reqs.sort(key=lambda r: r["arrival"])  # turns of one conversation keep their order (strictly later)
+    return {"name": "multi_turn", "requests": reqs}
+
+
 def mixed_burst(rng):
     """Bursts of batch jobs (long prompts, long outputs) over a background of
     short chat turns: the mix of prefill-heavy and decode-heavy work shifts."""
@@ -61,7 +79,7 @@ def mixed_burst(rng):
 
 if __name__ == "__main__":
     OUT.mkdir(exist_ok=True)
-    for make in (chat, long_context, mixed_burst):
+    for make in (chat, long_context, mixed_burst, multi_turn):
         doc = make(random.Random(make.__name__))
         doc["description"] = " ".join(make.__doc__.split())
         (OUT / f"{doc['name']}.json").write_text(json.dumps(doc, indent=0) + "\n")

@@ -25,11 +25,13 @@
 #include "c_api.h"
 #include "dlpack_view.h"
 #include "kv_space.h"
+#include "zero_chunk.h"
 
 using namespace ellm;
 
 struct ellm_kv_space {
   std::unique_ptr<KvSpace> space;
+  ZeroChunk* zero;  // the pool's, for zero fill
 };
 
 struct ellm_pool {
@@ -41,6 +43,7 @@ struct ellm_pool {
   // driver of the tests, whose "device" memory is host memory (set by
   // ellm_pool_views_on_cpu). On a real GPU a CPU tensor there would fault.
   bool views_on_cpu = false;
+  std::unique_ptr<ZeroChunk> zero;  // last: destroyed first, while the pool stands
 };
 
 namespace {
@@ -186,6 +189,7 @@ int create_pool(const char* backend, int device, size_t budget_bytes, double fra
   p->pool = std::make_unique<ChunkPool>(p->backend.get(), chunk_bytes, budget_bytes, prealloc);
   p->arena = std::make_unique<Arena>(p->pool.get(), va_bytes);
   if (!p->arena->ok()) return fail(kOutOfMemory, "cannot reserve " + human(va_bytes) + " of VA");
+  p->zero = std::make_unique<ZeroChunk>(p->pool.get());
   *out = p.release();
   return kOk;
 }
@@ -422,6 +426,7 @@ int ellm_pool_validate(ellm_pool* pool, char* msg, size_t msg_len) {
   if (!check_pool(pool, "validate")) return kInvalidArgument;
   return guard("validate", int(kOutOfMemory), [&] {
     std::string v = pool->arena->validate();
+    if (v.empty()) v = pool->zero->validate();
     if (msg && msg_len) snprintf(msg, msg_len, "%s", v.c_str());
     return v.empty() ? int(kOk) : int(kInvalidArgument);
   });
@@ -498,7 +503,7 @@ ellm_kv_space* ellm_kv_create(ellm_pool* pool, const char* name, size_t n_pages)
       fail(kOutOfMemory, "cannot reserve " + human(chunk * n_pages) + " of VA for a KV space");
       return nullptr;
     }
-    return new ellm_kv_space{std::move(s)};
+    return new ellm_kv_space{std::move(s), pool->zero.get()};
   });
 }
 int64_t ellm_kv_destroy(ellm_kv_space* space) {
@@ -542,6 +547,32 @@ int ellm_kv_state(ellm_kv_space* space, uint32_t page) {
     return -fail(kInvalidArgument, "KV state of page " + std::to_string(page) + ": out of range (" +
                                        std::to_string(space->space->n_pages()) + " pages)");
   return space->space->state(page);
+}
+int ellm_kv_set_zero_fill(ellm_kv_space* space, int on) {
+  if (!check_space(space, "kv_set_zero_fill")) return kInvalidArgument;
+  if (on != 0 && on != 1) return fail(kInvalidArgument, "kv_set_zero_fill: on must be 0 or 1, got " + std::to_string(on));
+  return guard("kv_set_zero_fill", int(kOutOfMemory), [&] {
+    if (!on) {
+      if (space->space->clear_zero_fill() != kOk) return fail(kInvalidArgument, "kv_set_zero_fill(0): zero fill is off");
+      clear_error();
+      return int(kOk);
+    }
+    std::string why;
+    int r = space->space->set_zero_fill(space->zero, &why);
+    if (r != kOk) return fail(r, "kv_set_zero_fill: " + why);
+    clear_error();
+    return int(kOk);
+  });
+}
+uint64_t ellm_kv_zero_pages(ellm_kv_space* space) {
+  return check_space(space, "kv_zero_pages") ? space->space->stats().zero_pages : 0;
+}
+int ellm_pool_zero_chunk(ellm_pool* pool, int* owner, uint64_t* users, uint64_t* mapped_pages) {
+  if (!check_pool(pool, "zero_chunk")) return kInvalidArgument;
+  if (owner) *owner = pool->zero->owner();
+  if (users) *users = pool->zero->users();
+  if (mapped_pages) *mapped_pages = static_cast<uint64_t>(std::max<int64_t>(pool->zero->mapped_pages(), 0));
+  return kOk;
 }
 size_t ellm_kv_take_reclaimed(ellm_kv_space* space, uint32_t* pages, size_t cap) {
   if (!check_space(space, "kv_take_reclaimed")) return 0;

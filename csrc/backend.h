@@ -50,6 +50,16 @@ class Backend {
   virtual int set_access(uintptr_t va, size_t bytes) = 0;
   virtual int unmap(uintptr_t va, size_t bytes) = 0;
 
+  // Maps the one chunk h under every `chunk` bytes of [va, va+bytes), readable
+  // and not writable, with one access grant for the run. Unlike map(), one
+  // chunk may be mapped read-only at many places: the pool's zero chunk
+  // (zero_chunk.h) under the unbacked pages of fixed-shape KV spaces. unmap()
+  // takes each chunk off again. A backend without it cannot hold such spaces.
+  virtual int map_read_only(uintptr_t va, size_t bytes, ChunkHandle h, size_t chunk) {
+    (void)va, (void)bytes, (void)h, (void)chunk;
+    return kUnavailable;
+  }
+
   // Copies between pool memory and host memory, ordered on `stream`. Used by
   // KV swap; synchronous on the host backend.
   virtual int copy_to_host(void* dst, uintptr_t src, size_t bytes, StreamId stream) = 0;

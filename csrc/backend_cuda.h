@@ -11,7 +11,7 @@
 // test suite points it at tests/fakecuda/, a strict fake driver over host
 // memory, so this file runs in CI on machines without a GPU.
 //
-// Context: every call that touches the driver runs bind() first, which makes
+// Context: every call that touches the driver runs inside a Bound scope (below), which makes
 // the device's primary context current in a thread that has none (torch's
 // threads usually have one; a reclaim from another owner's thread, a pool
 // made before torch touched the device, or a Python thread may not).
@@ -222,6 +222,30 @@ class CudaBackend final : public Backend {
     return check(drv_->cuMemSetAccess(static_cast<CUdeviceptr>(va), bytes, &access_, 1), "cuMemSetAccess")
                ? kOk
                : kBackendError;
+  }
+  // Never run on a GPU yet (compiled only): the zero chunk's mappings. Each
+  // chunk of the run is a cuMemMap of the same handle, then one
+  // cuMemSetAccess grants read-only access (CU_MEM_ACCESS_FLAGS_PROT_READ), so
+  // a kernel that writes there faults instead of writing anyone's memory.
+  int map_read_only(uintptr_t va, size_t bytes, ChunkHandle h, size_t chunk) override {
+    if (chunk == 0 || bytes == 0 || bytes % chunk) return kInvalidArgument;
+    Bound b(this);
+    for (uintptr_t a = va; a < va + bytes; a += chunk) {
+      if (!check(drv_->cuMemMap(static_cast<CUdeviceptr>(a), chunk, 0,
+                                static_cast<CUmemGenericAllocationHandle>(h), 0),
+                 "cuMemMap (read-only)")) {
+        for (uintptr_t b = va; b < a; b += chunk) drv_->cuMemUnmap(static_cast<CUdeviceptr>(b), chunk);
+        return kBackendError;
+      }
+    }
+    CUmemAccessDesc read_only = access_;
+    read_only.flags = CU_MEM_ACCESS_FLAGS_PROT_READ;
+    if (!check(drv_->cuMemSetAccess(static_cast<CUdeviceptr>(va), bytes, &read_only, 1),
+               "cuMemSetAccess (read-only)")) {
+      for (uintptr_t a = va; a < va + bytes; a += chunk) drv_->cuMemUnmap(static_cast<CUdeviceptr>(a), chunk);
+      return kBackendError;
+    }
+    return kOk;
   }
   int unmap(uintptr_t va, size_t bytes) override {
     Bound b(this);

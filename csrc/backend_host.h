@@ -12,6 +12,10 @@
 //
 // Stricter than the driver on purpose: mapping a VA that is mapped, or a chunk
 // that is mapped elsewhere, fails. The ledger above must never ask for either.
+// The one exception is map_read_only() (the pool's zero chunk): one chunk at
+// many places, each mmap(PROT_READ, MAP_SHARED|MAP_FIXED) of its file range,
+// so reads see its zeros and a write faults. A chunk is never mapped both
+// ways at once: writes through one mapping would show through the others.
 //
 // fork(). Chunks are mapped MAP_SHARED from the memfd, and a forked child (a
 // DataLoader worker, say) inherits those mappings: through them it could
@@ -103,12 +107,31 @@ class HostBackend final : public Backend {
   int map(uintptr_t va, size_t bytes, ChunkHandle h) override {
     std::lock_guard<std::mutex> g(mu_);
     if (fire(&fail_map_countdown_)) return kInjectedFault;
-    if (mapped_va_.count(va) || mapped_handle_.count(h)) return kBackendError;  // double map
+    if (mapped_va_.count(va) || mapped_handle_.count(h) || read_only_maps_.count(h))
+      return kBackendError;  // double map
     void* p = mmap(reinterpret_cast<void*>(va), bytes, PROT_NONE, MAP_FIXED | MAP_SHARED, fd_,
                    static_cast<off_t>(h));
     if (p == MAP_FAILED) return kBackendError;
-    mapped_va_[va] = {h, bytes, false};
+    mapped_va_[va] = {h, bytes, false, false};
     mapped_handle_[h] = va;
+    return kOk;
+  }
+  int map_read_only(uintptr_t va, size_t bytes, ChunkHandle h, size_t chunk) override {
+    std::lock_guard<std::mutex> g(mu_);
+    if (chunk == 0 || bytes == 0 || bytes % chunk) return kInvalidArgument;
+    if (mapped_handle_.count(h)) return kBackendError;  // mapped writable somewhere
+    for (uintptr_t a = va; a < va + bytes; a += chunk)
+      if (mapped_va_.count(a)) return kBackendError;  // double map
+    for (uintptr_t a = va; a < va + bytes; a += chunk) {
+      void* p = mmap(reinterpret_cast<void*>(a), chunk, PROT_READ, MAP_FIXED | MAP_SHARED, fd_,
+                     static_cast<off_t>(h));
+      if (p == MAP_FAILED) {  // all or none: take back what this call mapped
+        for (uintptr_t b = va; b < a; b += chunk) unmap_locked(b, chunk);
+        return kBackendError;
+      }
+      mapped_va_[a] = {h, chunk, false, true};
+      ++read_only_maps_[h];
+    }
     return kOk;
   }
   int set_access(uintptr_t va, size_t bytes) override {
@@ -124,14 +147,7 @@ class HostBackend final : public Backend {
   }
   int unmap(uintptr_t va, size_t bytes) override {
     std::lock_guard<std::mutex> g(mu_);
-    auto it = mapped_va_.find(va);
-    if (it == mapped_va_.end()) return kBackendError;
-    void* p = mmap(reinterpret_cast<void*>(va), bytes, PROT_NONE,
-                   MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (p == MAP_FAILED) return kBackendError;
-    mapped_handle_.erase(it->second.handle);
-    mapped_va_.erase(it);
-    return kOk;
+    return unmap_locked(va, bytes);
   }
 
   int copy_to_host(void* dst, uintptr_t src, size_t bytes, StreamId) override {
@@ -227,7 +243,24 @@ class HostBackend final : public Backend {
     ChunkHandle handle;
     size_t bytes;
     bool accessible;  // set_access() has run over it
+    bool read_only;   // a map_read_only() mapping (the zero chunk)
   };
+
+  int unmap_locked(uintptr_t va, size_t bytes) {
+    auto it = mapped_va_.find(va);
+    if (it == mapped_va_.end()) return kBackendError;
+    void* p = mmap(reinterpret_cast<void*>(va), bytes, PROT_NONE,
+                   MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) return kBackendError;
+    ChunkHandle h = it->second.handle;
+    if (!it->second.read_only) {
+      mapped_handle_.erase(h);
+    } else if (--read_only_maps_[h] == 0) {
+      read_only_maps_.erase(h);
+    }
+    mapped_va_.erase(it);
+    return kOk;
+  }
   // Leaked on purpose: torch may free tensors (and so reach a backend) during
   // static destruction at exit.
   struct Registry {
@@ -244,7 +277,7 @@ class HostBackend final : public Backend {
   // of ever writing into the parent's pages.
   void make_mappings_private() {
     for (auto& [va, m] : mapped_va_) {
-      int prot = m.accessible ? PROT_READ | PROT_WRITE : PROT_NONE;
+      int prot = m.read_only ? PROT_READ : m.accessible ? PROT_READ | PROT_WRITE : PROT_NONE;
       void* p = mmap(reinterpret_cast<void*>(va), m.bytes, prot, MAP_FIXED | MAP_PRIVATE, fd_,
                      static_cast<off_t>(m.handle));
       if (p == MAP_FAILED)
@@ -273,6 +306,7 @@ class HostBackend final : public Backend {
   std::unordered_map<size_t, std::vector<ChunkHandle>> free_offsets_;
   std::unordered_map<uintptr_t, Mapping> mapped_va_;
   std::unordered_map<ChunkHandle, uintptr_t> mapped_handle_;
+  std::unordered_map<ChunkHandle, size_t> read_only_maps_;  // chunk -> its read-only mappings
   std::unordered_map<StreamId, StreamClock> clocks_;
   std::vector<HostEvent> events_;
   std::vector<EventHandle> free_events_;

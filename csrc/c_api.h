@@ -111,10 +111,21 @@ int ellm_kv_map(ellm_kv_space* space, uint32_t first, uint32_t count);  // all o
 int ellm_kv_unmap(ellm_kv_space* space, uint32_t page, uintptr_t stream);
 int ellm_kv_set_reclaimable(ellm_kv_space* space, uint32_t page, uint32_t priority, uintptr_t stream);
 int ellm_kv_pin(ellm_kv_space* space, uint32_t page);  // 1 pinned, 0 was reclaimed, <0 error
-int ellm_kv_state(ellm_kv_space* space, uint32_t page);  // 0 unmapped, 1 pinned, 2 reclaimable, <0 error
+int ellm_kv_state(ellm_kv_space* space, uint32_t page);  // 0 unmapped, 1 pinned, 2 reclaimable, 3 zero, <0 error
 size_t ellm_kv_take_reclaimed(ellm_kv_space* space, uint32_t* pages, size_t cap);
 size_t ellm_kv_reclaim(ellm_kv_space* space, size_t want_chunks);
 void ellm_kv_get_stats(ellm_kv_space* space, ellm_kv_stats* out);
+// Zero fill, for fixed-shape caches (kv_space.h, zero_chunk.h). on = 1: every
+// page without a chunk of its own maps the pool's one zero chunk read-only
+// (state 3: reads zeros, a write faults), now and whenever a page is unmapped
+// or reclaimed later; mapping a page replaces its zero mapping. on = 0 takes
+// the zero mappings off. Refused when already in that state.
+int ellm_kv_set_zero_fill(ellm_kv_space* space, int on);
+uint64_t ellm_kv_zero_pages(ellm_kv_space* space);  // pages now mapped over the zero chunk
+// The pool's zero chunk: its owner in the ledger (-1 until first used), the
+// KV spaces using it (it is held, 1 chunk, exactly while this is > 0), and
+// the pages mapped over it in all spaces. Any output may be NULL.
+int ellm_pool_zero_chunk(ellm_pool* pool, int* owner, uint64_t* users, uint64_t* mapped_pages);
 
 // ---- zero-copy tensors over pool memory ----
 // A DLPack DLManagedTensor (uint8, 1-D, `nbytes` long) over [addr, addr+nbytes)

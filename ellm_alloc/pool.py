@@ -154,6 +154,15 @@ class Pool:
             )
         return out
 
+    def zero_chunk(self) -> dict[str, int]:
+        """The pool's shared read-only zero chunk (fixed-shape KV caches): its
+        owner in the ledger (-1 until first used), the KV spaces using it (it
+        holds one chunk exactly while users > 0) and the pages mapped over it."""
+        owner, users, pages = ctypes.c_int(), ctypes.c_uint64(), ctypes.c_uint64()
+        raise_for_status(N.lib.ellm_pool_zero_chunk(self.handle, ctypes.byref(owner), ctypes.byref(users),
+                                                    ctypes.byref(pages)))
+        return {"owner": owner.value, "users": users.value, "mapped_pages": pages.value}
+
     def reset_peaks(self) -> None:
         N.lib.ellm_pool_reset_peaks(self.handle)
 

@@ -86,6 +86,8 @@ def test_bench_generate_json():
                          "--budget", "256MiB")
     c = out["checks"]
     assert c["elastic_within_need_plus_one_chunk_each"]
+    assert c["fixed_within_need_plus_one_chunk_each_and_zero_chunk"]
+    assert c["fixed_peak_kv_bytes"] == c["elastic_peak_kv_bytes"] + out["chunk_bytes"]  # full layers: + the zero chunk
     assert c["sequences_shorter_than_max_cache_len"] and c["elastic_below_static"]
     assert c["tokens_per_s_ratio_elastic_over_dynamic"] > 0
     assert all(x["model_matches_measured"] for x in out["results"].values())
@@ -100,6 +102,7 @@ def test_bench_generate_sliding_layers():
     # chunk per sequence, more than StaticCache's 16-slot buffer: no "below static" here.)
     out = _generate_json("--model", "gemma3-12b-like", "--window", "16", "--max-cache-len", "256")
     assert out["checks"]["elastic_within_need_plus_one_chunk_each"]
+    assert out["checks"]["fixed_within_need_plus_one_chunk_each_and_zero_chunk"]
     assert all(x["model_matches_measured"] for x in out["results"].values())
 
 

@@ -8,8 +8,9 @@ hotpath        times cached malloc/free pairs inside C, ours and glibc's, on
 kv             a request workload through the KV manager, a max-page-size
                baseline and a static per-type partition, side by side.
 generate       HF generate() on a scaled random-weight model of a preset:
-               ElasticCache vs DynamicCache vs StaticCache (peak KV and total
-               bytes, tokens/s, largest batch within a KV budget).
+               ElasticCache (growing, and fixed-shape for torch.compile) vs
+               DynamicCache vs StaticCache (peak KV and total bytes, tokens/s,
+               largest batch within a KV budget).
 cpu-routing    the same generate() with torch's native CPU allocator and with
                the pool (enable(device="cpu")), in alternating fresh processes:
                tokens/s of each and their ratio, fragmentation, malloc calls.
@@ -168,8 +169,13 @@ def main(argv: list[str] | None = None) -> int:
     kp.add_argument("--budget", help="KV pool budget (default 16GiB, or twice the longest request's need "
                                      "when that is more)")
     kp.add_argument("--block-size", type=int, default=16)
+    kp.add_argument("--state-checkpoint-tokens", type=int,
+                    help="tokens between saved recurrent states (default: the KV manager's, 512)")
+    kp.add_argument("--max-cached-fraction", type=float,
+                    help="cached prefix blocks kept, as a fraction of live blocks (default: the KV "
+                         "manager's, 0.02; inf keeps them until memory is short)")
     kp.add_argument("--json", action="store_true")
-    gn = sub.add_parser("generate", help="generate(): ElasticCache vs DynamicCache vs StaticCache")
+    gn = sub.add_parser("generate", help="generate(): ElasticCache (growing, fixed-shape) vs DynamicCache vs StaticCache")
     gn.add_argument("--model", required=True, help="preset name (llama3-8b, gemma3-12b-like, ...)")
     gn.add_argument("--batch", type=int, default=4)
     gn.add_argument("--prompt-len", type=int, default=128)
@@ -212,7 +218,9 @@ def main(argv: list[str] | None = None) -> int:
             model = get_preset(args.model) if args.model else ModelKVSpec.from_json(args.spec)
             budget = parse_size(args.budget, "budget") if args.budget else None
             for w in workloads:
-                r = kvbench.run(model, w, budget, args.block_size)
+                r = kvbench.run(model, w, budget, args.block_size,
+                                state_checkpoint_tokens=args.state_checkpoint_tokens,
+                                max_cached_fraction=args.max_cached_fraction)
                 kvbench.print_report(r)
                 reports.append(r)
         except (ValueError, OSError) as e:

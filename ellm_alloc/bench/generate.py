@@ -1,4 +1,4 @@
-"""`bench generate`: ElasticCache vs DynamicCache vs StaticCache in one run.
+"""`bench generate`: ElasticCache (growing and fixed-shape) vs DynamicCache vs StaticCache in one run.
 
     python -m ellm_alloc.bench generate --model llama3-8b --batch 4 --prompt-len 128 --new-tokens 64 [--json]
     python -m ellm_alloc.bench generate --model gemma3-12b-like ... --find-max-batch --budget 1GiB
@@ -31,6 +31,11 @@ step (after the prefill, then after each decode step):
   * ElasticCache: bytes of pool chunks mapped under it (`mapped_bytes()`) and
     the bytes its kept tokens need (`needed_bytes()`); a host pool on CPU,
     the enabled CUDA pool on a GPU.
+  * fixed: ElasticCache(fixed_shapes=True), StaticCache's shapes for
+    torch.compile (run eagerly here, as every cache is): the same readings,
+    plus the pool's one read-only zero chunk that its unwritten chunks map
+    (held while the cache lives). Its sliding layers keep the previous window
+    mapped until the step after a multi-token update (the prefill).
   * DynamicCache / StaticCache: the bytes of their layers' key and value
     tensors at that step. DynamicCache's transient concatenation copy within
     a step is not seen (readings are between steps).
@@ -72,7 +77,8 @@ import torch
 
 from ..config import human
 
-CACHES = ("elastic", "dynamic", "static")
+CACHES = ("elastic", "fixed", "dynamic", "static")
+ELASTIC = ("elastic", "fixed")  # the caches whose KV lives in pool chunks
 HIDDEN, MLP, VOCAB = 512, 1024, 4096
 
 
@@ -177,6 +183,14 @@ def model_kv_bytes(cache: str, shapes, batch: int, prompt: int, new: int, max_ca
         if cache == "static":
             slots = min(w, max_cache_len) if w else max_cache_len
             total += 2 * batch * slots * tb
+        elif cache == "fixed":
+            # Read after the prefill (n == prompt: every prompt token still
+            # mapped, see fixed.py) and after each decode step (from n - w on).
+            per = 0
+            for n in range(prompt, last + 1) if w else (last,):
+                start = max(n - w, 0) if w and n > prompt else 0
+                per = max(per, -(-n * tb // chunk) - start * tb // chunk)
+            total += 2 * batch * per * chunk
         elif cache == "dynamic":
             total += 2 * batch * (min(last, w - 1) if w else last) * tb
         else:
@@ -185,6 +199,8 @@ def model_kv_bytes(cache: str, shapes, batch: int, prompt: int, new: int, max_ca
                 start = max(n - w, 0) if w else 0
                 per = max(per, -(-n * tb // chunk) - start * tb // chunk)
             total += 2 * batch * per * chunk
+    if cache == "fixed":
+        total += chunk  # the pool's zero chunk
     return total
 
 
@@ -252,6 +268,10 @@ def make_cache(kind: str, cfg, batch: int, max_cache_len: int, pool=None):
         from ..hf import ElasticCache
 
         return ElasticCache(cfg, max_batch_size=batch, max_cache_len=max_cache_len, pool=pool)
+    if kind == "fixed":
+        from ..hf import ElasticCache
+
+        return ElasticCache(cfg, max_batch_size=batch, max_cache_len=max_cache_len, pool=pool, fixed_shapes=True)
     if kind == "dynamic":
         return DynamicCache(config=cfg)
     if kind == "static":
@@ -282,8 +302,9 @@ def run_generate(kind: str, model, cfg, ids, mask, new_tokens: int, max_cache_le
 
     class Reader(LogitsProcessor):
         def __call__(self, input_ids, scores):
-            if kind == "elastic":
-                kv = cache.mapped_bytes()
+            if kind in ELASTIC:
+                # fixed: plus the zero chunk, which the pool holds for it.
+                kv = cache.mapped_bytes() + (chunk if kind == "fixed" and pool.zero_chunk()["users"] else 0)
                 need = cache.needed_bytes()
                 peaks["slack_chunks"] = max(peaks["slack_chunks"], (kv - need) // chunk)
             else:
@@ -317,7 +338,7 @@ def run_generate(kind: str, model, cfg, ids, mask, new_tokens: int, max_cache_le
     decode = (times[-1] - times[0]) if len(times) > 1 else 0.0
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     if routed:
-        total = pool.stats()["allocated_peak"] + (peaks["kv"] if kind == "elastic" else 0)
+        total = pool.stats()["allocated_peak"] + (peaks["kv"] if kind in ELASTIC else 0)
     else:
         total = weights + peaks["kv"]
     r = {
@@ -330,7 +351,7 @@ def run_generate(kind: str, model, cfg, ids, mask, new_tokens: int, max_cache_le
         "peak_total_bytes": total,
         "rss_growth_bytes": max(0, peaks["rss"] - rss0),
     }
-    if kind == "elastic":
+    if kind in ELASTIC:
         r["needed_bytes_at_peak"] = peaks["need_at_peak"]
         r["max_slack_chunks"] = peaks["slack_chunks"]
         cache.close()
@@ -367,7 +388,7 @@ def run(preset: str, batch: int, prompt_len: int, new_tokens: int, *, max_cache_
         from ..pool import Pool
 
         chunk = 2 << 20
-        worst = model_kv_bytes("elastic", shapes, batch, prompt_len, new_tokens, max_cache_len, chunk)
+        worst = max(model_kv_bytes(k, shapes, batch, prompt_len, new_tokens, max_cache_len, chunk) for k in ELASTIC)
         pool = Pool("cpu", budget=max(worst * 2, 64 << 20))
     chunk = pool.stats()["chunk_bytes"]
     g = torch.Generator().manual_seed(1)
@@ -401,10 +422,11 @@ def run(preset: str, batch: int, prompt_len: int, new_tokens: int, *, max_cache_
         results[kind] = r
     pool.validate()
 
-    el, st, dy = results["elastic"], results["static"], results["dynamic"]
+    el, fx, st, dy = results["elastic"], results["fixed"], results["static"], results["dynamic"]
     n_layers = len(shapes)
     slack = 2 * n_layers * batch * chunk
     need = el["needed_bytes_at_peak"] or 0
+    fixed_need = fx["needed_bytes_at_peak"] or 0
     out: dict[str, Any] = {
         "preset": preset,
         "model": structure,
@@ -425,6 +447,12 @@ def run(preset: str, batch: int, prompt_len: int, new_tokens: int, *, max_cache_
             "elastic_needed_bytes_at_peak": need,
             "one_chunk_per_layer_kv_seq_bytes": slack,
             "elastic_within_need_plus_one_chunk_each": el["peak_kv_bytes"] <= need + slack,
+            "fixed_peak_kv_bytes": fx["peak_kv_bytes"],
+            "fixed_needed_bytes_at_peak": fixed_need,
+            "fixed_within_need_plus_one_chunk_each_and_zero_chunk":
+                fx["peak_kv_bytes"] <= fixed_need + slack + chunk,
+            "fixed_over_static_kv": round(fx["peak_kv_bytes"] / st["peak_kv_bytes"], 4)
+            if st["peak_kv_bytes"] else None,
             "static_peak_kv_bytes": st["peak_kv_bytes"],
             "sequences_shorter_than_max_cache_len": total_len < max_cache_len,
             "elastic_below_static": el["peak_kv_bytes"] < st["peak_kv_bytes"],
@@ -468,6 +496,10 @@ def print_report(r: dict) -> None:
     print(f"  elastic peak KV {human(c['elastic_peak_kv_bytes'])} <= need {human(c['elastic_needed_bytes_at_peak'])}"
           f" + one chunk per (layer, K/V, sequence) {human(c['one_chunk_per_layer_kv_seq_bytes'])}: "
           f"{c['elastic_within_need_plus_one_chunk_each']}")
+    print(f"  fixed (fixed_shapes=True) peak KV {human(c['fixed_peak_kv_bytes'])} <= need "
+          f"{human(c['fixed_needed_bytes_at_peak'])} + one chunk each + the zero chunk: "
+          f"{c['fixed_within_need_plus_one_chunk_each_and_zero_chunk']}; fixed / static peak KV "
+          f"{c['fixed_over_static_kv']}")
     print(f"  elastic / static peak KV {c['elastic_over_static_kv']}; tokens/s elastic / dynamic "
           f"{c['tokens_per_s_ratio_elastic_over_dynamic']} (decode only "
           f"{c['decode_tokens_per_s_ratio_elastic_over_dynamic']}; target >= {c['target_ratio']})")

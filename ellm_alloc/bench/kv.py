@@ -19,7 +19,10 @@ Workload JSON:
   {"name": str, "requests": [{"arrival": int, "prompt": int, "output": int,
     "prefix": str | null, "prefix_len": int}]}
 `prefix`/`prefix_len`: the first prefix_len prompt tokens are shared by every
-request naming the same prefix. For models with cross-attention layers each
+request naming the same prefix. `conversation` (instead of a prefix): the
+requests naming the same conversation are its turns, in file order; a turn's
+prompt is the previous turn's prompt and output followed by new tokens (its
+`prompt` counts them all, so it must exceed the previous turn's length). For models with cross-attention layers each
 request also carries its own image id, which is part of its block hashes.
 """
 from __future__ import annotations
@@ -32,6 +35,7 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import human
 from ..pool import Pool
 
 WORKLOADS = Path(__file__).resolve().parents[2] / "benchmarks" / "workloads"
@@ -67,13 +71,14 @@ def _field(path, i: int, r: dict, key: str, lo: int, hi: int, default=None) -> i
     return v
 
 
-def _checked_requests(path, doc) -> list[tuple[int, int, int, str | None, int]]:
-    """Every request's (arrival, prompt, output, prefix, prefix_len), checked field by field and in
-    total before a single token id is made, so a workload too large is refused at once."""
+def _checked_requests(path, doc) -> list[tuple[int, int, int, str | None, int, str | None]]:
+    """Every request's (arrival, prompt, output, prefix, prefix_len, conversation), checked field by
+    field and in total before a single token id is made, so a workload too large is refused at once."""
     if not isinstance(doc, dict) or not isinstance(doc.get("requests"), list) or not doc["requests"]:
         raise ValueError(f"{path}: expected {{'name': ..., 'requests': [...]}} with at least one request")
     out = []
     total = 0
+    turn_end: dict[str, int] = {}  # conversation -> tokens of its last turn so far
     for i, r in enumerate(doc["requests"]):
         if not isinstance(r, dict):
             raise ValueError(f"{path}: request {i} must be a JSON object, got {r!r}")
@@ -89,7 +94,17 @@ def _checked_requests(path, doc) -> list[tuple[int, int, int, str | None, int]]:
         plen_shared = 0
         if prefix is not None:
             plen_shared = min(_field(path, i, r, "prefix_len", 0, MAX_REQUEST_TOKENS, default=0), plen - 1)
-        out.append((arrival, plen, olen, prefix, plen_shared))
+        conversation = r.get("conversation")
+        if conversation is not None:
+            if not isinstance(conversation, str) or prefix is not None:
+                raise ValueError(f"{path}: request {i}: 'conversation' must be a string name, and a turn "
+                                 f"takes no 'prefix', got {r!r}")
+            before = turn_end.get(conversation, 0)
+            if plen <= before:
+                raise ValueError(f"{path}: request {i}: a turn of conversation {conversation!r} needs a prompt "
+                                 f"longer than the previous turn's {before} tokens, got {plen}")
+            turn_end[conversation] = plen + olen
+        out.append((arrival, plen, olen, prefix, plen_shared, conversation))
     return out
 
 
@@ -103,7 +118,8 @@ def load_workload(path: str | Path, vocab: int = 32000) -> tuple[str, list[WorkI
         raise ValueError(f"{path}: 'name' must be a string, got {name!r}")
     items = []
     prefixes: dict[str, list[int]] = {}
-    for i, (arrival, plen, olen, prefix, plen_shared) in enumerate(requests):
+    conversations: dict[str, list[int]] = {}  # tokens of the last turn so far
+    for i, (arrival, plen, olen, prefix, plen_shared, conversation) in enumerate(requests):
         rng = random.Random(i * 7919 + 1)
         shared: list[int] = []
         if prefix is not None:
@@ -115,8 +131,12 @@ def load_workload(path: str | Path, vocab: int = 32000) -> tuple[str, list[WorkI
                 prng = random.Random(f"prefix:{prefix}:{len(prefixes[prefix])}")
                 prefixes[prefix] += [prng.randrange(vocab) for _ in range(plen_shared - len(shared))]
                 shared = prefixes[prefix][:plen_shared]
+        if conversation is not None:
+            shared = conversations.get(conversation, [])
         prompt = shared + [rng.randrange(vocab) for _ in range(plen - len(shared))]
         output = [rng.randrange(vocab) for _ in range(olen)]
+        if conversation is not None:
+            conversations[conversation] = prompt + output
         items.append(WorkItem(i, arrival, prompt, output, (f"image{i}",)))
     return name, sorted(items, key=lambda w: (w.arrival, w.index))
 
@@ -151,7 +171,8 @@ def default_budget(model, items: list[WorkItem], block_size: int = 16) -> int:
 
 
 def run_one(model, items: list[WorkItem], budget: int, mode: str, block_size: int = 16,
-            progress: bool = False) -> dict:
+            progress: bool = False, state_checkpoint_tokens: int | None = None,
+            max_cached_fraction: float | None = None) -> dict:
     from ..kv.manager import KVCacheManager
 
     pool = Pool("cpu", budget=budget)
@@ -160,7 +181,10 @@ def run_one(model, items: list[WorkItem], budget: int, mode: str, block_size: in
         kwargs.update(uniform_pages=True, compact=False)
     elif mode == "static":
         kwargs.update(static_shares=static_shares(model, items), compact=False)
-    mgr = KVCacheManager(model, pool, block_size=block_size, name=f"kv.{mode}", **kwargs)
+    if max_cached_fraction is not None:
+        kwargs["max_cached_fraction"] = max_cached_fraction
+    mgr = KVCacheManager(model, pool, block_size=block_size, name=f"kv.{mode}",
+                         state_checkpoint_tokens=state_checkpoint_tokens, **kwargs)
     # Each request brings its own image: that changes the KV of every layer
     # after a cross-attention layer, so only such models hash it in.
     per_request_keys = any(s.kind == "cross" for s in model.layers)
@@ -242,12 +266,19 @@ def run_one(model, items: list[WorkItem], budget: int, mode: str, block_size: in
         "steps": step,
         "large_page_bytes_per_group": [g["large_page_bytes"] for g in usage["groups"]],
         "padding_bytes_per_group": [g["padding_bytes"] for g in usage["groups"]],
+        # The costs of keeping recurrent states: bytes copied at checkpoints,
+        # and every chunk map / unmap of the run (all groups).
+        "state_bytes_copied": usage["state_bytes_copied"],
+        "maps": usage["maps"],
+        "unmaps": usage["unmaps"],
+        "state_checkpoint_tokens": mgr.state_checkpoint_tokens,
         "wall_s": round(time.perf_counter() - t0, 3),
     }
 
 
 def run(model, workload_path: str | Path, budget: int | None = None, block_size: int = 16,
-        progress: bool = True) -> dict:
+        progress: bool = True, state_checkpoint_tokens: int | None = None,
+        max_cached_fraction: float | None = None) -> dict:
     """`budget` None: default_budget() for this model and workload."""
     name, items = load_workload(workload_path)
     budget_source = "given"
@@ -255,11 +286,22 @@ def run(model, workload_path: str | Path, budget: int | None = None, block_size:
         budget = default_budget(model, items, block_size)
         budget_source = "default" if budget == DEFAULT_BUDGET else "default, raised for the longest request"
     results = []
-    for mode in ("ellm", "max-page", "static"):
-        try:
-            results.append(run_one(model, items, budget, mode, block_size, progress))
-        except ValueError as e:  # some request of the workload does not fit the budget at all
-            results.append({"allocator": mode, "error": str(e)})
+    # One torch thread: the only tensor work here is copying blocks of a few
+    # hundred KiB to a few MiB, which threads do not speed up, and on a busy
+    # machine waiting threads would make the wall times noise.
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for mode in ("ellm", "max-page", "static"):
+            try:
+                results.append(run_one(model, items, budget, mode, block_size, progress, state_checkpoint_tokens,
+                                       max_cached_fraction))
+            except ValueError as e:  # some request of the workload does not fit the budget at all
+                results.append({"allocator": mode, "error": str(e)})
+    finally:
+        torch.set_num_threads(threads)
     return {
         "model": model.name,
         "workload": name,
@@ -267,6 +309,7 @@ def run(model, workload_path: str | Path, budget: int | None = None, block_size:
         "budget_bytes": budget,
         "budget_source": budget_source,
         "block_size": block_size,
+        "max_cached_fraction": max_cached_fraction,
         "results": results,
     }
 
@@ -276,11 +319,12 @@ def print_report(r: dict) -> None:
           f"budget {r['budget_bytes'] / 2**30:.1f} GiB ({r.get('budget_source', 'given')}), "
           f"block {r['block_size']} tokens")
     print(f"  {'allocator':>9} {'util avg':>9} {'util@peak':>9} {'peak reqs':>9} {'hit rate':>8} "
-          f"{'preempt':>7} {'steps':>6}")
+          f"{'preempt':>7} {'steps':>6} {'copied':>9} {'maps':>8} {'unmaps':>8} {'wall s':>7}")
     for x in r["results"]:
         if "error" in x:
             print(f"  {x['allocator']:>9} cannot serve this workload: {x['error']}")
             continue
         print(f"  {x['allocator']:>9} {x['utilisation_time_avg']:9.3f} {x['utilisation_at_peak']:9.3f} "
               f"{x['peak_concurrent_requests']:9d} {x['prefix_hit_rate']:8.3f} {x['preemptions']:7d} "
-              f"{x['steps']:6d}")
+              f"{x['steps']:6d} {human(x['state_bytes_copied']):>9} {x['maps']:8d} {x['unmaps']:8d} "
+              f"{x['wall_s']:7.1f}")

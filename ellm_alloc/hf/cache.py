@@ -30,8 +30,10 @@ sliding window. get_mask_sizes() reports those exact lengths and offsets, so
 transformers' mask functions build masks that match what attention sees
 (causal, sliding and padding masks alike): nothing past the current length
 is ever read. Because the returned length changes each step, the cache is
-not torch.compile-able (is_compileable is False; use StaticCache for
-compiled decoding).
+not torch.compile-able (is_compileable is False), unless it is built with
+fixed_shapes=True: then update() returns StaticCache's fixed shapes, and
+unwritten chunks read as zeros through the pool's read-only zero chunk
+(ellm_alloc/hf/fixed.py).
 
 Layer support, for any model type: the layer kinds are read from the config
 as transformers reads them (`ellm_alloc.kv.hf_config.cache_layer_kinds`:
@@ -151,7 +153,9 @@ class _Backing:
     first update, from the model's device) and every layer's storage, closed
     together by close() or garbage collection."""
 
-    def __init__(self, max_batch: int, max_len: int, pool: Pool | None, budget: Any):
+    def __init__(self, max_batch: int, max_len: int, pool: Pool | None, budget: Any,
+                 fixed_shapes: bool = False):
+        self.fixed_shapes = fixed_shapes
         self.max_batch = max_batch
         self.max_len = max_len
         self.pool = pool
@@ -205,7 +209,11 @@ class _Backing:
         raise ValueError(f"ElasticCache: unsupported device {device} (cpu or cuda)")
 
     def token_ranges(self, name: str, shapes, dtype: torch.dtype, device: torch.device) -> TokenRanges:
-        store = TokenRanges(self.pool_for(device), name, self.max_batch, self.max_len, shapes, dtype)
+        if self.fixed_shapes:  # zero-filled ranges (fixed.py)
+            from .fixed import FixedTokenRanges as ranges
+        else:
+            ranges = TokenRanges
+        store = ranges(self.pool_for(device), name, self.max_batch, self.max_len, shapes, dtype)
         self.stores.append(store)
         return store
 
@@ -645,6 +653,10 @@ class ElasticCache(Cache):
         pool of the cache's own).
     budget: that own host pool's budget (default: the machine's memory; it is
         a cap, the pool only commits the chunks in use).
+    fixed_shapes: StaticCache's shapes, for torch.compile: update() returns
+        the whole [batch, heads, max_cache_len, head_dim] views and unwritten
+        chunks read as zeros through the pool's shared read-only zero chunk
+        (ellm_alloc/hf/fixed.py); is_compileable is then True.
     """
 
     def __new__(cls, config: Any = None, *args, **kwargs):
@@ -657,17 +669,19 @@ class ElasticCache(Cache):
         return super().__new__(cls)
 
     def __init__(self, config: Any, max_batch_size: int = 1, max_cache_len: int | None = None, *,
-                 pool: Pool | None = None, budget: Any = None, **kwargs):
+                 pool: Pool | None = None, budget: Any = None, fixed_shapes: bool = False, **kwargs):
         if max_cache_len is None:
             raise ValueError("ElasticCache needs max_cache_len (the most tokens a sequence may reach)")
         if (isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size <= 0
                 or isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or max_cache_len <= 0):
             raise ValueError(f"max_batch_size and max_cache_len must be positive ints, got "
                              f"{max_batch_size!r}, {max_cache_len!r}")
+        if not isinstance(fixed_shapes, bool):
+            raise TypeError(f"fixed_shapes must be True or False, got {fixed_shapes!r}")
         text = text_config(config)
         kinds = cache_layer_kinds(text)
         _refuse_unheld(kinds, getattr(text, "model_type", "?"))
-        backing = _Backing(max_batch_size, max_cache_len, pool, budget)
+        backing = _Backing(max_batch_size, max_cache_len, pool, budget, fixed_shapes)
         # Cache.__init__ by name: a subclass for a model's own cache class
         # (own_caches) must not run that class's constructor.
         Cache.__init__(self, layers=[_make_layer(backing, i, k) for i, k in enumerate(kinds)])
@@ -832,6 +846,9 @@ def _refuse_unheld(kinds: list[CacheLayerKind], model_type: str) -> None:
 def _make_layer(backing: _Backing, index: int, kind: CacheLayerKind) -> Any:
     if kind.keeps_nothing:
         return _NoCacheLayer()
+    if backing.fixed_shapes and kind.type in ("hybrid", "hybrid_sliding", "indexed_attention"):
+        raise ValueError(f"ElasticCache(fixed_shapes=True) holds full, sliding and linear-attention layers; "
+                         f"layer {index} is {kind.type!r} (use fixed_shapes=False)")
     if kind.type in ("hybrid", "hybrid_sliding"):
         return ElasticHybridLayer(backing, index, kind.window if kind.type == "hybrid_sliding" else None,
                                   kind.states)
@@ -839,4 +856,9 @@ def _make_layer(backing: _Backing, index: int, kind: CacheLayerKind) -> Any:
         return ElasticLinearLayer(backing, index, kind.states)
     if kind.type == "indexed_attention":
         return ElasticIndexedLayer(backing, index)
-    return ElasticLayer(backing, index, kind.window if kind.type != "full_attention" else None)
+    window = kind.window if kind.type != "full_attention" else None
+    if backing.fixed_shapes:
+        from .fixed import FixedLayer  # imports this module: bound at first use
+
+        return FixedLayer(backing, index, window)
+    return ElasticLayer(backing, index, window)

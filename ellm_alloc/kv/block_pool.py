@@ -55,6 +55,7 @@ class GroupBlockPool:
         self.group = group
         self.ratio = layout.ratio(group)
         self.chunks_per_page = group.large_page_bytes // chunk
+        self.chunk_bytes = chunk
         self.n_pages = n = space.n_pages // self.chunks_per_page
         step = group.padded_small_bytes
         # Chunks (offsets in the page) under each slot, and slots over each chunk.
@@ -283,7 +284,8 @@ class GroupBlockPool:
     def plan_compaction(self) -> tuple[list[tuple[int, int]], int]:
         """Moves (live block, destination page) that empty the sparsest partly
         used pages into the free slots of the fullest ones, each page only
-        when that unmaps more chunks than its blocks map at their destinations;
+        when that unmaps more chunks than its blocks map at their destinations,
+        by at least the bytes the moves copy;
         and the chunks the moves map (the pool must have them, since a page's
         chunks go only once all its blocks have moved). Only pages with no
         cached block take part, so the prefix cache is left as it is."""
@@ -312,7 +314,11 @@ class GroupBlockPool:
                 plan.append((b, dst, slot))
             freed = sum(1 for k in range(src * self.chunks_per_page, (src + 1) * self.chunks_per_page)
                         if self.chunk_mapped[k])
-            if freed <= len(new_chunks):
+            # Worth it only when the page gives back at least as many bytes as
+            # the moves copy: a page of a few large blocks (recurrent states of
+            # many layers) would otherwise copy megabytes to return one chunk.
+            copied = len(plan) * self.group.small_page_bytes
+            if freed <= len(new_chunks) or (freed - len(new_chunks)) * self.chunk_bytes < copied:
                 for _, dst, slot in plan:
                     free[dst].append(slot)
                 break  # denser pages would save no more

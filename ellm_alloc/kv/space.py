@@ -16,7 +16,9 @@ import torch
 from .. import _native as N
 from ..pool import Pool, raise_for_status
 
-UNMAPPED, PINNED, RECLAIMABLE = 0, 1, 2
+# ZERO: the page maps the pool's shared read-only zero chunk (zero fill, for
+# fixed-shape caches): it reads as zeros, a write faults, it holds no chunk.
+UNMAPPED, PINNED, RECLAIMABLE, ZERO = 0, 1, 2, 3
 
 
 class PageSpace:
@@ -71,8 +73,25 @@ class PageSpace:
             raise_for_status(-r)
         return bool(r)
 
+    def set_zero_fill(self, on: bool) -> None:
+        """Zero fill on: every page without a chunk of its own maps the pool's
+        one zero chunk read-only (state ZERO), now and whenever a page is
+        unmapped or reclaimed later, so the whole range is readable (zeros
+        where nothing is mapped) and a write to such a page faults. map()
+        replaces a page's zero mapping with its own chunk. Off: the zero
+        mappings go (those pages fault on any touch again). ValueError when
+        it is in that state already."""
+        if not isinstance(on, bool):
+            raise TypeError(f"set_zero_fill takes a bool, got {on!r}")
+        raise_for_status(N.lib.ellm_kv_set_zero_fill(self.handle, int(on)))
+
+    @property
+    def zero_pages(self) -> int:
+        """Pages that now map the zero chunk."""
+        return N.lib.ellm_kv_zero_pages(self.handle)
+
     def state(self, page: int) -> int:
-        """0 unmapped, 1 pinned, 2 reclaimable; ValueError for a page out of range."""
+        """0 unmapped, 1 pinned, 2 reclaimable, 3 zero; ValueError for a page out of range."""
         r = N.lib.ellm_kv_state(self.handle, page)
         if r < 0:
             raise_for_status(-r)
