@@ -454,13 +454,7 @@ class ElasticLayer(CacheLayerMixin):
         unmapped by ElasticCache.batch_select_indices (or at the next update)."""
         if not self.is_initialized or self.length == 0:
             return
-        idx = torch.as_tensor(indices)
-        if idx.dtype == torch.bool:
-            idx = idx.nonzero().flatten()
-        idx = idx.long().flatten()
-        if idx.numel() and (int(idx.min()) < -self.batch or int(idx.max()) >= self.batch):
-            raise IndexError(f"batch_select_indices: index out of range for a batch of {self.batch}")
-        idx = idx % self.batch
+        idx = _as_rows(indices, self.batch)
         self._move_rows(idx)
         self.batch = idx.numel()
 
