@@ -24,6 +24,7 @@
 #include "backend_host.h"
 #include "c_api.h"
 #include "dlpack_view.h"
+#include "host_tier.h"
 #include "kv_space.h"
 #include "zero_chunk.h"
 
@@ -37,6 +38,7 @@ struct ellm_kv_space {
 struct ellm_pool {
   std::unique_ptr<Backend> backend;
   std::unique_ptr<ChunkPool> pool;
+  std::unique_ptr<HostTier> host;  // budget 0 (off) until set_cpu_budget
   std::unique_ptr<Arena> arena;
   size_t budget_bytes = 0;
   // DLPack views say kDLCPU even on a CUDA pool: only for the fake CUDA
@@ -187,6 +189,7 @@ int create_pool(const char* backend, int device, size_t budget_bytes, double fra
     va_bytes = std::max<size_t>(size_t(1) << 30, std::min(kMaxVaBytes / 4, budget_bytes) * 4);
   p->budget_bytes = budget_bytes;
   p->pool = std::make_unique<ChunkPool>(p->backend.get(), chunk_bytes, budget_bytes, prealloc);
+  p->host = std::make_unique<HostTier>(p->backend.get(), chunk_bytes, 0);
   p->arena = std::make_unique<Arena>(p->pool.get(), va_bytes);
   if (!p->arena->ok()) return fail(kOutOfMemory, "cannot reserve " + human(va_bytes) + " of VA");
   p->zero = std::make_unique<ZeroChunk>(p->pool.get());
@@ -427,6 +430,8 @@ int ellm_pool_validate(ellm_pool* pool, char* msg, size_t msg_len) {
   return guard("validate", int(kOutOfMemory), [&] {
     std::string v = pool->arena->validate();
     if (v.empty()) v = pool->zero->validate();
+    if (v.empty() && !pool->host->pool().ledger_balanced())
+      v = "host tier ledger: created != free + sum(held), or created above the cpu budget";
     if (msg && msg_len) snprintf(msg, msg_len, "%s", v.c_str());
     return v.empty() ? int(kOk) : int(kInvalidArgument);
   });
@@ -498,7 +503,7 @@ ellm_kv_space* ellm_kv_create(ellm_pool* pool, const char* name, size_t n_pages)
     return nullptr;
   }
   return guard("KV space creation", static_cast<ellm_kv_space*>(nullptr), [&]() -> ellm_kv_space* {
-    auto s = std::make_unique<KvSpace>(pool->pool.get(), name ? name : "kv", n_pages);
+    auto s = std::make_unique<KvSpace>(pool->pool.get(), name ? name : "kv", n_pages, pool->host.get());
     if (!s->ok()) {
       fail(kOutOfMemory, "cannot reserve " + human(chunk * n_pages) + " of VA for a KV space");
       return nullptr;
@@ -589,7 +594,73 @@ size_t ellm_kv_reclaim(ellm_kv_space* space, size_t want_chunks) {
 void ellm_kv_get_stats(ellm_kv_space* space, ellm_kv_stats* out) {
   if (!check_space(space, "kv_stats") || !out) return;
   KvSpace::Stats s = space->space->stats();
-  *out = ellm_kv_stats{s.mapped_pages, s.reclaimable_pages, s.maps, s.unmaps, s.reclaimed_pages};
+  *out = ellm_kv_stats{s.mapped_pages, s.reclaimable_pages, s.maps, s.unmaps, s.reclaimed_pages,
+                       s.host_pages, s.swapping_pages, s.swap_outs, s.swap_ins, s.swapped_out_pages,
+                       s.swapped_in_pages};
+}
+int ellm_kv_host_owner(ellm_kv_space* space) {
+  return check_space(space, "kv_host_owner") ? space->space->host_owner() : -1;
+}
+
+// ---- swap: the host tier ----
+static int swap_call(ellm_kv_space* space, const uint32_t* pages, uint32_t n, const char* what,
+                     int (KvSpace::*fn)(const uint32_t*, uint32_t, StreamId, std::string*), uintptr_t stream) {
+  if (!check_space(space, what)) return kInvalidArgument;
+  if (n > 0 && !pages) return fail(kInvalidArgument, std::string(what) + ": NULL page array");
+  return guard(what, int(kOutOfMemory), [&] {
+    std::string why;
+    int r = (space->space.get()->*fn)(pages, n, stream, &why);
+    if (r != kOk) return fail(r, std::string(what) + ": " + why);
+    clear_error();
+    return int(kOk);
+  });
+}
+int ellm_kv_swap_out(ellm_kv_space* space, const uint32_t* pages, uint32_t n, uintptr_t stream) {
+  return swap_call(space, pages, n, "kv_swap_out", &KvSpace::swap_out, stream);
+}
+int ellm_kv_swap_in(ellm_kv_space* space, const uint32_t* pages, uint32_t n, uintptr_t stream) {
+  return swap_call(space, pages, n, "kv_swap_in", &KvSpace::swap_in, stream);
+}
+size_t ellm_kv_finish_swaps(ellm_kv_space* space, int wait) {
+  if (!check_space(space, "kv_finish_swaps")) return 0;
+  return guard("kv_finish_swaps", size_t(0), [&] { return space->space->finish_swaps(wait != 0); });
+}
+int ellm_kv_swap_wait(ellm_kv_space* space, const uint32_t* pages, uint32_t n, uintptr_t stream) {
+  if (!check_space(space, "kv_swap_wait")) return kInvalidArgument;
+  if (n > 0 && !pages) return fail(kInvalidArgument, "kv_swap_wait: NULL page array");
+  int r = space->space->swap_wait(pages, n, stream);
+  return r == kOk ? kOk : fail(r, "kv_swap_wait: a page is out of range, or the stream could not wait");
+}
+
+int ellm_pool_set_cpu_budget(ellm_pool* pool, size_t bytes) {
+  if (!check_pool(pool, "set_cpu_budget")) return kInvalidArgument;
+  int r = guard("set_cpu_budget", int(kOutOfMemory), [&] { return pool->host->set_budget(bytes); });
+  if (r != kOk)
+    return fail(r, "cpu budget " + human(bytes) + " is below the " + human(pool->host->pool().held_chunks() *
+                                                                           pool->host->chunk_bytes()) +
+                       " swapped out now; swap in or free those requests first");
+  clear_error();
+  return kOk;
+}
+void ellm_pool_host_stats(ellm_pool* pool, ellm_host_tier_stats* out) {
+  if (!check_pool(pool, "host_stats") || !out) return;
+  ChunkPool::Snapshot s = pool->host->pool().snapshot();
+  HostSlabs::Stats slabs = pool->host->slab_stats();
+  *out = ellm_host_tier_stats{s.chunk_bytes, s.budget_chunks * s.chunk_bytes, s.created, s.free,
+                              slabs.slabs, slabs.pinned_bytes, s.owners.size(), s.failed_acquires};
+}
+int ellm_pool_host_owner_stats(ellm_pool* pool, int owner, ellm_owner_stats* out) {
+  if (!check_pool(pool, "host_owner_stats") || !out) return kInvalidArgument;
+  ChunkPool::Snapshot s = pool->host->pool().snapshot();
+  if (owner < 0 || owner >= static_cast<int>(s.owners.size()))
+    return fail(kInvalidArgument, "no host-tier owner " + std::to_string(owner));
+  const auto& o = s.owners[owner];
+  memset(out, 0, sizeof *out);
+  snprintf(out->name, sizeof out->name, "%s", o.name.c_str());
+  out->held_chunks = o.held;
+  out->peak_chunks = o.peak;
+  out->active = o.active;
+  return kOk;
 }
 
 static HostBackend* host_of(ellm_pool* pool) {
@@ -610,8 +681,8 @@ int ellm_host_release_stream(ellm_pool* pool, uintptr_t stream) {
 int ellm_host_inject_fault(ellm_pool* pool, int kind, int64_t nth) {
   HostBackend* h = host_of(pool);
   if (!h) return fail(kInvalidArgument, "not a host pool");
-  if (kind != 0 && kind != 1) return fail(kInvalidArgument, "fault kind must be 0 (create) or 1 (map)");
-  h->inject_fault(kind, nth);
+  if (h->inject_fault(kind, nth) != kOk)
+    return fail(kInvalidArgument, "fault kind must be 0 (create), 1 (map), 2 (copy) or 3 (host allocation)");
   return kOk;
 }
 

@@ -29,9 +29,17 @@ enum Status : int {
   kUnavailable = 8,     // backend cannot run here (no driver, no device)
 };
 
-class Backend {
+// Where a pool's chunks come from: the device's memory (a Backend) or
+// pinned host slabs (host_tier.h).
+class ChunkSource {
  public:
-  virtual ~Backend() = default;
+  virtual ~ChunkSource() = default;
+  virtual int create_chunk(size_t bytes, ChunkHandle* out) = 0;
+  virtual void destroy_chunk(ChunkHandle h, size_t bytes) = 0;
+};
+
+class Backend : public ChunkSource {
+ public:
   virtual const char* name() const = 0;
   virtual int device() const = 0;
   // Smallest size a chunk may have; chunk sizes are multiples of it.
@@ -39,9 +47,6 @@ class Backend {
 
   virtual int reserve(size_t bytes, uintptr_t* va) = 0;
   virtual void release(uintptr_t va, size_t bytes) = 0;
-
-  virtual int create_chunk(size_t bytes, ChunkHandle* out) = 0;
-  virtual void destroy_chunk(ChunkHandle h, size_t bytes) = 0;
 
   // map() backs [va, va+bytes) with chunk h. set_access() makes a run of
   // mapped chunks readable and writable; callers do it once per contiguous run
@@ -60,10 +65,24 @@ class Backend {
     return kUnavailable;
   }
 
-  // Copies between pool memory and host memory, ordered on `stream`. Used by
-  // KV swap; synchronous on the host backend.
+  // Copies between pool memory and host memory, ordered on `stream`: on a
+  // stream made by stream_create() they run asynchronously (KV swap); on
+  // any other stream the host backend copies at once.
   virtual int copy_to_host(void* dst, uintptr_t src, size_t bytes, StreamId stream) = 0;
   virtual int copy_from_host(uintptr_t dst, const void* src, size_t bytes, StreamId stream) = 0;
+
+  // Host memory for the host tier (host_tier.h): page-locked on CUDA, so
+  // copies run asynchronously at full bus speed; on the host backend a memfd
+  // of its own, so "device" and "host" bytes never share a file.
+  virtual int host_alloc(size_t bytes, void** out) = 0;
+  virtual void host_free(void* p, size_t bytes) = 0;
+
+  // A stream of our own (KV swap copies run on one, beside compute), and
+  // ordering across streams: work queued on `s` after this call runs after
+  // the work before event `e`.
+  virtual int stream_create(StreamId* out) = 0;
+  virtual void stream_destroy(StreamId s) = 0;
+  virtual int stream_wait_event(StreamId s, EventHandle e) = 0;
 
   virtual int mem_info(size_t* free_bytes, size_t* total_bytes) = 0;
 

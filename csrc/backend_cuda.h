@@ -54,6 +54,11 @@ struct CudaDriver {
   ELLM_CU_FN(cuMemcpyDtoHAsync)
   ELLM_CU_FN(cuMemcpyHtoDAsync)
   ELLM_CU_FN(cuStreamSynchronize)
+  ELLM_CU_FN(cuStreamCreate)
+  ELLM_CU_FN(cuStreamDestroy)
+  ELLM_CU_FN(cuStreamWaitEvent)
+  ELLM_CU_FN(cuMemHostAlloc)
+  ELLM_CU_FN(cuMemFreeHost)
   ELLM_CU_FN(cuEventCreate)
   ELLM_CU_FN(cuEventRecord)
   ELLM_CU_FN(cuEventQuery)
@@ -122,6 +127,11 @@ struct CudaDriver {
     ELLM_CU_RESOLVE(cuMemcpyDtoHAsync)
     ELLM_CU_RESOLVE(cuMemcpyHtoDAsync)
     ELLM_CU_RESOLVE(cuStreamSynchronize)
+    ELLM_CU_RESOLVE(cuStreamCreate)
+    ELLM_CU_RESOLVE(cuStreamDestroy)
+    ELLM_CU_RESOLVE(cuStreamWaitEvent)
+    ELLM_CU_RESOLVE(cuMemHostAlloc)
+    ELLM_CU_RESOLVE(cuMemFreeHost)
     ELLM_CU_RESOLVE(cuEventCreate)
     ELLM_CU_RESOLVE(cuEventRecord)
     ELLM_CU_RESOLVE(cuEventQuery)
@@ -264,6 +274,39 @@ class CudaBackend final : public Backend {
     return check(drv_->cuMemcpyHtoDAsync(static_cast<CUdeviceptr>(dst), src, bytes,
                                          reinterpret_cast<CUstream>(stream)),
                  "cuMemcpyHtoDAsync")
+               ? kOk
+               : kBackendError;
+  }
+  // Never run on a GPU yet (compiled, and run on tests/fakecuda only): the
+  // host tier's pinned slabs and the swap stream. Portable pinned memory, so
+  // a context of any device may copy from it.
+  int host_alloc(size_t bytes, void** out) override {
+    Bound b(this);
+    CUresult r = drv_->cuMemHostAlloc(out, bytes, CU_MEMHOSTALLOC_PORTABLE);
+    if (r == CUDA_ERROR_OUT_OF_MEMORY) return check(r, "cuMemHostAlloc"), kOutOfMemory;
+    return check(r, "cuMemHostAlloc") ? kOk : kBackendError;
+  }
+  void host_free(void* p, size_t) override {
+    Bound b(this);
+    check(drv_->cuMemFreeHost(p), "cuMemFreeHost");
+  }
+  // Non-blocking: swap copies must not wait for (or hold up) the legacy
+  // default stream; their order with compute is set by events alone.
+  int stream_create(StreamId* out) override {
+    Bound b(this);
+    CUstream s = nullptr;
+    if (!check(drv_->cuStreamCreate(&s, CU_STREAM_NON_BLOCKING), "cuStreamCreate")) return kBackendError;
+    *out = reinterpret_cast<StreamId>(s);
+    return kOk;
+  }
+  void stream_destroy(StreamId s) override {
+    Bound b(this);
+    check(drv_->cuStreamDestroy(reinterpret_cast<CUstream>(s)), "cuStreamDestroy");
+  }
+  int stream_wait_event(StreamId s, EventHandle e) override {
+    Bound b(this);
+    return check(drv_->cuStreamWaitEvent(reinterpret_cast<CUstream>(s), reinterpret_cast<CUevent>(e), 0),
+                 "cuStreamWaitEvent")
                ? kOk
                : kBackendError;
   }

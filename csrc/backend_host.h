@@ -10,6 +10,17 @@
 // what a real host-side wait does. This lets tests check that nothing is
 // reused or unmapped while the (simulated) GPU may still touch it.
 //
+// Copy streams (stream_create) are real: each has a worker thread that runs
+// its copies, its waits on other streams' events and its event records in
+// order, so a swap's copy is truly asynchronous and the event protocol above
+// it (kv_space.h) is exercised with real races. A host-side wait on an event
+// of a copy stream waits for the worker; first it completes the simulated
+// streams the worker waits on, as such a wait would on a GPU. On any other
+// stream a copy runs at once, and stream_wait_event() waits on the host.
+//
+// Host memory (host_alloc) comes from a second memfd, mapped shared, so the
+// host tier's bytes are told apart from the pool's "device" chunks.
+//
 // Stricter than the driver on purpose: mapping a VA that is mapped, or a chunk
 // that is mapped elsewhere, fails. The ledger above must never ask for either.
 // The one exception is map_read_only() (the pool's zero chunk): one chunk at
@@ -39,7 +50,11 @@
 #include <cerrno>
 #include <cstring>
 #include <algorithm>
+#include <condition_variable>
+#include <deque>
+#include <memory>
 #include <mutex>
+#include <thread>
 #include <unordered_map>
 #include <vector>
 
@@ -53,6 +68,7 @@ class HostBackend final : public Backend {
 
   explicit HostBackend(int device) : device_(device) {
     fd_ = memfd_create("ellm_alloc_pool", MFD_CLOEXEC);
+    host_fd_ = memfd_create("ellm_alloc_host_tier", MFD_CLOEXEC);
     std::lock_guard<std::mutex> g(registry().mu);
     registry().live.push_back(this);
   }
@@ -62,9 +78,11 @@ class HostBackend final : public Backend {
       auto& v = registry().live;
       v.erase(std::remove(v.begin(), v.end(), this), v.end());
     }
+    for (auto& [id, cs] : copy_streams_) stop_worker(cs.get());
     if (fd_ >= 0) close(fd_);
+    if (host_fd_ >= 0) close(host_fd_);
   }
-  bool ok() const { return fd_ >= 0; }
+  bool ok() const { return fd_ >= 0 && host_fd_ >= 0; }
 
   const char* name() const override { return "host"; }
   int device() const override { return device_; }
@@ -150,12 +168,81 @@ class HostBackend final : public Backend {
     return unmap_locked(va, bytes);
   }
 
-  int copy_to_host(void* dst, uintptr_t src, size_t bytes, StreamId) override {
-    std::memcpy(dst, reinterpret_cast<const void*>(src), bytes);
+  int copy_to_host(void* dst, uintptr_t src, size_t bytes, StreamId stream) override {
+    return copy(dst, reinterpret_cast<const void*>(src), bytes, stream);
+  }
+  int copy_from_host(uintptr_t dst, const void* src, size_t bytes, StreamId stream) override {
+    return copy(reinterpret_cast<void*>(dst), src, bytes, stream);
+  }
+
+  int host_alloc(size_t bytes, void** out) override {
+    std::lock_guard<std::mutex> g(mu_);
+    if (fire(&fail_host_alloc_countdown_)) return kInjectedFault;
+    off_t off;
+    auto it = free_host_offsets_.find(bytes);
+    if (it != free_host_offsets_.end() && !it->second.empty()) {
+      off = it->second.back();
+      it->second.pop_back();
+    } else {
+      off = static_cast<off_t>(host_file_bytes_);
+      if (ftruncate(host_fd_, static_cast<off_t>(host_file_bytes_ + bytes)) != 0) return kOutOfMemory;
+      host_file_bytes_ += bytes;
+    }
+    void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, host_fd_, off);
+    if (p == MAP_FAILED) {
+      free_host_offsets_[bytes].push_back(off);
+      return kOutOfMemory;
+    }
+    host_maps_[p] = off;
+    *out = p;
     return kOk;
   }
-  int copy_from_host(uintptr_t dst, const void* src, size_t bytes, StreamId) override {
-    std::memcpy(reinterpret_cast<void*>(dst), src, bytes);
+  void host_free(void* p, size_t bytes) override {
+    std::lock_guard<std::mutex> g(mu_);
+    auto it = host_maps_.find(p);
+    if (it == host_maps_.end()) return;
+    munmap(p, bytes);
+    fallocate(host_fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, it->second, static_cast<off_t>(bytes));
+    free_host_offsets_[bytes].push_back(it->second);
+    host_maps_.erase(it);
+  }
+  size_t host_bytes_mapped() {
+    std::lock_guard<std::mutex> g(mu_);
+    return host_maps_.size();
+  }
+
+  int stream_create(StreamId* out) override {
+    std::lock_guard<std::mutex> g(mu_);
+    auto cs = std::make_unique<CopyStream>();
+    CopyStream* raw = cs.get();
+    StreamId id = reinterpret_cast<StreamId>(raw);  // a unique address: never a torch stream number
+    copy_streams_[id] = std::move(cs);
+    clocks_[id] = {};
+    raw->worker = std::thread([this, id, raw] { run_worker(id, raw); });
+    *out = id;
+    return kOk;
+  }
+  void stream_destroy(StreamId s) override {
+    std::unique_ptr<CopyStream> cs;
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      auto it = copy_streams_.find(s);
+      if (it == copy_streams_.end()) return;
+      cs = std::move(it->second);
+      copy_streams_.erase(it);
+    }
+    stop_worker(cs.get());
+  }
+  int stream_wait_event(StreamId s, EventHandle e) override {
+    std::unique_lock<std::mutex> g(mu_);
+    HostEvent ev = events_[e - 1];
+    auto it = copy_streams_.find(s);
+    if (it == copy_streams_.end()) {  // a simulated stream is ordered by waiting here
+      wait_locked(g, ev);
+      return kOk;
+    }
+    it->second->queue.push_back({Task::kWait, nullptr, nullptr, 0, ev.stream, ev.seq});
+    work_.notify_all();
     return kOk;
   }
 
@@ -172,7 +259,13 @@ class HostBackend final : public Backend {
     std::lock_guard<std::mutex> g(mu_);
     StreamClock& c = clocks_[stream];
     uint64_t seq = ++c.recorded;
-    if (!c.held) c.completed = seq;
+    auto cs = copy_streams_.find(stream);
+    if (cs != copy_streams_.end()) {  // its worker completes it in order
+      cs->second->queue.push_back({Task::kMark, nullptr, nullptr, 0, stream, seq});
+      work_.notify_all();
+    } else if (!c.held) {
+      c.completed = seq;
+    }
     if (free_events_.empty()) {
       events_.push_back({stream, seq});
       *out = events_.size();  // 1-based index
@@ -189,10 +282,8 @@ class HostBackend final : public Backend {
     return clocks_[ev.stream].completed >= ev.seq;
   }
   void event_wait(EventHandle e) override {
-    std::lock_guard<std::mutex> g(mu_);
-    const HostEvent& ev = events_[e - 1];
-    StreamClock& c = clocks_[ev.stream];
-    if (c.completed < ev.seq) c.completed = ev.seq;
+    std::unique_lock<std::mutex> g(mu_);
+    wait_locked(g, events_[e - 1]);
   }
   void event_destroy(EventHandle e) override {
     std::lock_guard<std::mutex> g(mu_);
@@ -209,11 +300,17 @@ class HostBackend final : public Backend {
     StreamClock& c = clocks_[s];
     c.held = false;
     c.completed = c.recorded;
+    work_.notify_all();
   }
-  // The nth next create / map call fails (1 = the very next); 0 disarms.
-  void inject_fault(int kind, int64_t nth) {
+  // The nth next call of a kind fails (1 = the very next); 0 disarms.
+  // Kinds: 0 chunk create, 1 map, 2 copy (either way), 3 host_alloc.
+  int inject_fault(int kind, int64_t nth) {
     std::lock_guard<std::mutex> g(mu_);
-    (kind == 0 ? fail_create_countdown_ : fail_map_countdown_) = nth;
+    int64_t* countdown[] = {&fail_create_countdown_, &fail_map_countdown_, &fail_copy_countdown_,
+                            &fail_host_alloc_countdown_};
+    if (kind < 0 || kind > 3) return kInvalidArgument;
+    *countdown[kind] = nth;
+    return kOk;
   }
   size_t mapped_count() {
     std::lock_guard<std::mutex> g(mu_);
@@ -233,6 +330,7 @@ class HostBackend final : public Backend {
   static void after_fork_in_child() {
     for (HostBackend* b : registry().live) {
       b->make_mappings_private();
+      b->forget_workers();
       b->mu_.unlock();
     }
     registry().mu.unlock();
@@ -272,6 +370,18 @@ class HostBackend final : public Backend {
     return *r;
   }
 
+  // Child side of fork(): the copy streams' workers did not come along. Their
+  // std::thread objects name threads of the parent, so they are dropped
+  // without being joined or destroyed (either would act on the parent's
+  // thread); the child is inert and never copies.
+  void forget_workers() {
+    for (auto& [id, cs] : copy_streams_) {
+      cs->queue.clear();
+      cs->stop = true;
+      ::new (&cs->worker) std::thread();
+    }
+  }
+
   // Child side of fork(): the same file offsets, mapped copy-on-write. A
   // failure leaves that range PROT_NONE, so the child faults on it instead
   // of ever writing into the parent's pages.
@@ -294,14 +404,109 @@ class HostBackend final : public Backend {
     StreamId stream;
     uint64_t seq;
   };
+  // One queued step of a copy stream, run by its worker in order.
+  struct Task {
+    enum Kind { kCopy, kWait, kMark } kind;
+    void* dst;
+    const void* src;
+    size_t bytes;
+    StreamId stream;  // kWait: the stream waited on; kMark: this stream
+    uint64_t seq;     // kWait: that stream's event; kMark: the event completed
+  };
+  struct CopyStream {
+    std::deque<Task> queue;
+    std::thread worker;
+    bool stop = false;
+  };
+
+  int copy(void* dst, const void* src, size_t bytes, StreamId stream) {
+    std::unique_lock<std::mutex> g(mu_);
+    if (fire(&fail_copy_countdown_)) return kInjectedFault;
+    auto it = copy_streams_.find(stream);
+    if (it == copy_streams_.end()) {
+      g.unlock();
+      std::memcpy(dst, src, bytes);
+      return kOk;
+    }
+    it->second->queue.push_back({Task::kCopy, dst, src, bytes, stream, 0});
+    work_.notify_all();
+    return kOk;
+  }
+
+  // Under mu_. Completes `ev`: a simulated stream is completed up to it (a
+  // host wait on a GPU completes the work waited for); a copy stream's
+  // worker is waited for, after completing what it waits on.
+  void wait_locked(std::unique_lock<std::mutex>& g, const HostEvent& ev) {
+    StreamClock& c = clocks_[ev.stream];
+    auto it = copy_streams_.find(ev.stream);
+    if (it == copy_streams_.end()) {
+      if (c.completed < ev.seq) c.completed = ev.seq;
+      work_.notify_all();
+      return;
+    }
+    for (const Task& t : it->second->queue) {
+      if (t.kind == Task::kMark && t.seq > ev.seq) break;
+      if (t.kind == Task::kWait && !copy_streams_.count(t.stream)) {
+        StreamClock& w = clocks_[t.stream];
+        if (w.completed < t.seq) w.completed = t.seq;
+      }
+    }
+    work_.notify_all();
+    done_.wait(g, [&] { return c.completed >= ev.seq; });
+  }
+
+  void run_worker(StreamId id, CopyStream* cs) {
+    std::unique_lock<std::mutex> g(mu_);
+    StreamClock& mine = clocks_[id];
+    for (;;) {
+      work_.wait(g, [&] {
+        if (cs->queue.empty()) return cs->stop;
+        const Task& t = cs->queue.front();
+        return t.kind != Task::kWait || clocks_[t.stream].completed >= t.seq;
+      });
+      if (cs->queue.empty()) return;
+      Task t = cs->queue.front();
+      if (t.kind == Task::kCopy) {  // the copy runs unlocked; the task stays queued until it is done
+        g.unlock();
+        std::memcpy(t.dst, t.src, t.bytes);
+        g.lock();
+      } else if (t.kind == Task::kMark) {
+        mine.completed = t.seq;
+        done_.notify_all();
+        work_.notify_all();  // other copy streams may wait on this one
+      }
+      cs->queue.pop_front();
+    }
+  }
+  // Drains the stream's queue, then ends its worker. Waits it still has on
+  // simulated streams are completed, as a host wait would.
+  void stop_worker(CopyStream* cs) {
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      cs->stop = true;
+      for (const Task& t : cs->queue)
+        if (t.kind == Task::kWait) {
+          StreamClock& w = clocks_[t.stream];
+          if (w.completed < t.seq) w.completed = t.seq;
+        }
+      work_.notify_all();
+    }
+    if (cs->worker.joinable()) cs->worker.join();
+  }
+
   static bool fire(int64_t* countdown) {
     if (*countdown <= 0) return false;
     return --*countdown == 0;
   }
 
   int device_;
-  int fd_ = -1;
+  int fd_ = -1, host_fd_ = -1;
   std::mutex mu_;
+  std::condition_variable work_, done_;  // a worker has work; a copy stream's event completed
+  std::unordered_map<StreamId, std::unique_ptr<CopyStream>> copy_streams_;
+  size_t host_file_bytes_ = 0;
+  std::unordered_map<size_t, std::vector<off_t>> free_host_offsets_;
+  std::unordered_map<void*, off_t> host_maps_;
   size_t file_bytes_ = 0;
   std::unordered_map<size_t, std::vector<ChunkHandle>> free_offsets_;
   std::unordered_map<uintptr_t, Mapping> mapped_va_;
@@ -310,7 +515,8 @@ class HostBackend final : public Backend {
   std::unordered_map<StreamId, StreamClock> clocks_;
   std::vector<HostEvent> events_;
   std::vector<EventHandle> free_events_;
-  int64_t fail_create_countdown_ = 0, fail_map_countdown_ = 0;
+  int64_t fail_create_countdown_ = 0, fail_map_countdown_ = 0, fail_copy_countdown_ = 0,
+          fail_host_alloc_countdown_ = 0;
 };
 
 }  // namespace ellm

@@ -101,6 +101,8 @@ size_t ellm_pool_available_chunks(ellm_pool* pool, int owner);
 typedef struct ellm_kv_space ellm_kv_space;
 typedef struct {
   uint64_t mapped_pages, reclaimable_pages, maps, unmaps, reclaimed_pages;
+  // swap: pages holding a host chunk, pages with a copy in flight, calls and pages each way
+  uint64_t host_pages, swapping_pages, swap_outs, swap_ins, swapped_out_pages, swapped_in_pages;
 } ellm_kv_stats;
 ellm_kv_space* ellm_kv_create(ellm_pool* pool, const char* name, size_t n_pages);  // pages of one chunk
 int64_t ellm_kv_destroy(ellm_kv_space* space);  // returns pages still mapped (now unmapped)
@@ -111,7 +113,8 @@ int ellm_kv_map(ellm_kv_space* space, uint32_t first, uint32_t count);  // all o
 int ellm_kv_unmap(ellm_kv_space* space, uint32_t page, uintptr_t stream);
 int ellm_kv_set_reclaimable(ellm_kv_space* space, uint32_t page, uint32_t priority, uintptr_t stream);
 int ellm_kv_pin(ellm_kv_space* space, uint32_t page);  // 1 pinned, 0 was reclaimed, <0 error
-int ellm_kv_state(ellm_kv_space* space, uint32_t page);  // 0 unmapped, 1 pinned, 2 reclaimable, 3 zero, <0 error
+// 0 unmapped, 1 pinned, 2 reclaimable, 3 zero, 4 swapping out, 5 swapped, 6 swapping in, <0 error
+int ellm_kv_state(ellm_kv_space* space, uint32_t page);
 size_t ellm_kv_take_reclaimed(ellm_kv_space* space, uint32_t* pages, size_t cap);
 size_t ellm_kv_reclaim(ellm_kv_space* space, size_t want_chunks);
 void ellm_kv_get_stats(ellm_kv_space* space, ellm_kv_stats* out);
@@ -126,6 +129,28 @@ uint64_t ellm_kv_zero_pages(ellm_kv_space* space);  // pages now mapped over the
 // KV spaces using it (it is held, 1 chunk, exactly while this is > 0), and
 // the pages mapped over it in all spaces. Any output may be NULL.
 int ellm_pool_zero_chunk(ellm_pool* pool, int* owner, uint64_t* users, uint64_t* mapped_pages);
+
+// ---- the host tier: KV pages swapped to pinned host memory (host_tier.h) ----
+typedef struct {
+  uint64_t chunk_bytes, budget_bytes, created_chunks, free_chunks;
+  uint64_t slabs, pinned_bytes, num_owners, failed_acquires;
+} ellm_host_tier_stats;
+// 0 turns the tier off; refused below the chunks swapped out now.
+int ellm_pool_set_cpu_budget(ellm_pool* pool, size_t bytes);
+void ellm_pool_host_stats(ellm_pool* pool, ellm_host_tier_stats* out);
+int ellm_pool_host_owner_stats(ellm_pool* pool, int owner, ellm_owner_stats* out);
+int ellm_kv_host_owner(ellm_kv_space* space);  // the space's owner in the host tier's ledger
+// Swap (kv_space.h, "Swap"), all or nothing per call, each page listed once.
+// swap_out: pinned or reclaimable pages are copied to host chunks after the
+// work queued on `stream` (state 4, then 5 once finished); swap_in: swapped
+// pages get fresh device chunks at the same VA and are copied back (state 6,
+// then 1). finish_swaps ends the swaps whose copies are done (wait = 1: all
+// of them) and returns how many; swap_wait makes `stream` wait for the
+// copies back of the pages (on the host backend the caller waits).
+int ellm_kv_swap_out(ellm_kv_space* space, const uint32_t* pages, uint32_t n, uintptr_t stream);
+int ellm_kv_swap_in(ellm_kv_space* space, const uint32_t* pages, uint32_t n, uintptr_t stream);
+size_t ellm_kv_finish_swaps(ellm_kv_space* space, int wait);
+int ellm_kv_swap_wait(ellm_kv_space* space, const uint32_t* pages, uint32_t n, uintptr_t stream);
 
 // ---- zero-copy tensors over pool memory ----
 // A DLPack DLManagedTensor (uint8, 1-D, `nbytes` long) over [addr, addr+nbytes)
@@ -143,7 +168,8 @@ int64_t ellm_dlpack_live(void);  // descriptors not yet deleted (for leak tests)
 // ---- host backend test controls ----
 int ellm_host_hold_stream(ellm_pool* pool, uintptr_t stream);
 int ellm_host_release_stream(ellm_pool* pool, uintptr_t stream);
-// kind 0 = chunk create, 1 = map; the nth next such call fails; 0 disarms.
+// kind 0 = chunk create, 1 = map, 2 = copy to or from host, 3 = host-tier
+// allocation; the nth next such call fails; 0 disarms.
 int ellm_host_inject_fault(ellm_pool* pool, int kind, int64_t nth);
 
 // ---- the torch allocator ----

@@ -65,14 +65,17 @@ class ChunkPool {
     bool active = false;
   };
 
-  ChunkPool(Backend* be, size_t chunk_bytes, size_t budget_bytes, size_t prealloc_bytes)
-      : be_(be), chunk_bytes_(chunk_bytes), budget_chunks_(budget_bytes / chunk_bytes) {
+  // Chunks come from `source`, the backend's device memory unless given
+  // (the host tier's pool draws on pinned host slabs).
+  ChunkPool(Backend* be, size_t chunk_bytes, size_t budget_bytes, size_t prealloc_bytes,
+            ChunkSource* source = nullptr)
+      : be_(be), src_(source ? source : be), chunk_bytes_(chunk_bytes), budget_chunks_(budget_bytes / chunk_bytes) {
     std::lock_guard<std::mutex> g(mu_);
     grow_locked(std::min(budget_chunks_, prealloc_bytes / chunk_bytes));
   }
   ~ChunkPool() {
     for (Chunk& c : chunks_)
-      if (c.created) be_->destroy_chunk(c.handle, chunk_bytes_);
+      if (c.created) src_->destroy_chunk(c.handle, chunk_bytes_);
   }
 
   Backend* backend() const { return be_; }
@@ -324,7 +327,7 @@ class ChunkPool {
     while (free_.size() > keep) {
       Chunk& c = chunks_[free_.back()];
       free_.pop_back();
-      be_->destroy_chunk(c.handle, chunk_bytes_);
+      src_->destroy_chunk(c.handle, chunk_bytes_);
       c.created = false;
       dead_.push_back(static_cast<ChunkId>(&c - chunks_.data()));
       --created_;
@@ -348,7 +351,7 @@ class ChunkPool {
     n = std::min(n, budget_chunks_ > created_ ? budget_chunks_ - created_ : 0);
     for (size_t i = 0; i < n; ++i) {
       ChunkHandle h;
-      if (be_->create_chunk(chunk_bytes_, &h) != kOk) break;
+      if (src_->create_chunk(chunk_bytes_, &h) != kOk) break;
       ChunkId id;
       if (!dead_.empty()) {
         id = dead_.back();
@@ -381,6 +384,7 @@ class ChunkPool {
   }
 
   Backend* be_;
+  ChunkSource* src_;
   const size_t chunk_bytes_;
   size_t budget_chunks_;
   std::mutex mu_;

@@ -53,7 +53,14 @@ class OwnerStats(ctypes.Structure):
 
 
 class KvStats(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_uint64) for n in "mapped_pages reclaimable_pages maps unmaps reclaimed_pages".split()]
+    _fields_ = [(n, ctypes.c_uint64) for n in (
+        "mapped_pages reclaimable_pages maps unmaps reclaimed_pages "
+        "host_pages swapping_pages swap_outs swap_ins swapped_out_pages swapped_in_pages").split()]
+
+
+class HostTierStats(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_uint64) for n in (
+        "chunk_bytes budget_bytes created_chunks free_chunks slabs pinned_bytes num_owners failed_acquires").split()]
 
 
 RECLAIM_FN = ctypes.CFUNCTYPE(ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t)
@@ -140,6 +147,14 @@ _sig("ellm_kv_reclaim", _SZ, _P, _SZ)
 _sig("ellm_kv_get_stats", None, _P, ctypes.POINTER(KvStats))
 _sig("ellm_kv_set_zero_fill", _I, _P, _I)
 _sig("ellm_kv_zero_pages", _U64, _P)
+_sig("ellm_kv_host_owner", _I, _P)
+_sig("ellm_kv_swap_out", _I, _P, ctypes.POINTER(ctypes.c_uint32), ctypes.c_uint32, _SZ)
+_sig("ellm_kv_swap_in", _I, _P, ctypes.POINTER(ctypes.c_uint32), ctypes.c_uint32, _SZ)
+_sig("ellm_kv_finish_swaps", _SZ, _P, _I)
+_sig("ellm_kv_swap_wait", _I, _P, ctypes.POINTER(ctypes.c_uint32), ctypes.c_uint32, _SZ)
+_sig("ellm_pool_set_cpu_budget", _I, _P, _SZ)
+_sig("ellm_pool_host_stats", None, _P, ctypes.POINTER(HostTierStats))
+_sig("ellm_pool_host_owner_stats", _I, _P, _I, ctypes.POINTER(OwnerStats))
 _sig("ellm_pool_zero_chunk", _I, _P, ctypes.POINTER(_I), ctypes.POINTER(_U64), ctypes.POINTER(_U64))
 _sig("ellm_dlpack_view", _P, _P, _SZ, _U64)
 _sig("ellm_dlpack_discard", None, _P)

@@ -59,7 +59,10 @@ class Pool:
         chunk_size: int | str | None = None,
         va_size: int | str | None = None,
         prealloc: int | str = 0,
+        cpu_budget: int | str = 0,
     ):
+        """cpu_budget: host memory (pinned, on a GPU) that KV pages may be
+        swapped into when the device is full (the host tier); 0 is off."""
         backend, index = _parse_device(device)
         if backend == "host" and budget is None:
             raise ValueError("a host pool needs an explicit budget, e.g. Pool('cpu', budget='1GiB')")
@@ -85,6 +88,12 @@ class Pool:
         self._reclaim_callbacks: dict[int, object] = {}  # keep ctypes callbacks alive
         self._dependents: weakref.WeakSet = weakref.WeakSet()  # KV spaces drawing on this pool
         self._lock = threading.Lock()
+        if cpu_budget:
+            try:
+                self.set_cpu_budget(cpu_budget)
+            except BaseException:
+                self.close()
+                raise
 
     @classmethod
     def _wrap(cls, handle: int) -> "Pool":
@@ -162,6 +171,27 @@ class Pool:
         raise_for_status(N.lib.ellm_pool_zero_chunk(self.handle, ctypes.byref(owner), ctypes.byref(users),
                                                     ctypes.byref(pages)))
         return {"owner": owner.value, "users": users.value, "mapped_pages": pages.value}
+
+    def set_cpu_budget(self, budget: int | str) -> None:
+        """Host memory for swapped-out KV (the host tier); 0 turns it off.
+        ValueError below what is swapped out now."""
+        nbytes = 0 if budget == 0 else _check_bytes(parse_size(budget, "cpu_budget"), "cpu_budget")
+        raise_for_status(N.lib.ellm_pool_set_cpu_budget(self.handle, nbytes))
+
+    def host_tier(self) -> dict:
+        """The host tier's ledger: budget, chunks created and free, pinned
+        slabs, and the chunks each owner (a KV space) holds there."""
+        s = N.HostTierStats()
+        N.lib.ellm_pool_host_stats(self.handle, ctypes.byref(s))
+        out = {name: getattr(s, name) for name, _ in s._fields_}
+        owners = []
+        for i in range(out["num_owners"]):
+            o = N.OwnerStats()
+            raise_for_status(N.lib.ellm_pool_host_owner_stats(self.handle, i, ctypes.byref(o)))
+            owners.append({"owner": i, "name": o.name.decode(), "held_chunks": o.held_chunks,
+                           "peak_chunks": o.peak_chunks, "active": bool(o.active)})
+        out["owners"] = owners
+        return out
 
     def reset_peaks(self) -> None:
         N.lib.ellm_pool_reset_peaks(self.handle)
@@ -268,11 +298,14 @@ class Pool:
     def release_stream(self, stream: int) -> None:
         raise_for_status(N.lib.ellm_host_release_stream(self.handle, stream))
 
+    FAULT_KINDS = ("create", "map", "copy", "host_alloc")
+
     def inject_fault(self, kind: str, nth: int) -> None:
-        """Host pools: the nth next chunk 'create' or 'map' fails (0 disarms)."""
-        if kind not in ("create", "map"):
-            raise ValueError(f"fault kind must be 'create' or 'map', got {kind!r}")
-        raise_for_status(N.lib.ellm_host_inject_fault(self.handle, 0 if kind == "create" else 1, nth))
+        """Host pools: the nth next chunk 'create', 'map', 'copy' (to or from
+        the host tier) or host-tier slab allocation ('host_alloc') fails; 0 disarms."""
+        if kind not in self.FAULT_KINDS:
+            raise ValueError(f"fault kind must be one of {self.FAULT_KINDS}, got {kind!r}")
+        raise_for_status(N.lib.ellm_host_inject_fault(self.handle, self.FAULT_KINDS.index(kind), nth))
 
     # ---- lifetime ---------------------------------------------------------------
 

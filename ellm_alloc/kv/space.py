@@ -18,7 +18,9 @@ from ..pool import Pool, raise_for_status
 
 # ZERO: the page maps the pool's shared read-only zero chunk (zero fill, for
 # fixed-shape caches): it reads as zeros, a write faults, it holds no chunk.
-UNMAPPED, PINNED, RECLAIMABLE, ZERO = 0, 1, 2, 3
+# SWAPPING_OUT, SWAPPED, SWAPPING_IN: its bytes move to a host-tier chunk and
+# back (csrc/kv_space.h, "Swap"); touching a SWAPPED page faults.
+UNMAPPED, PINNED, RECLAIMABLE, ZERO, SWAPPING_OUT, SWAPPED, SWAPPING_IN = range(7)
 
 
 class PageSpace:
@@ -90,8 +92,47 @@ class PageSpace:
         """Pages that now map the zero chunk."""
         return N.lib.ellm_kv_zero_pages(self.handle)
 
+    # ---- swap to the pool's host tier ----
+
+    @staticmethod
+    def _page_array(pages) -> tuple:
+        pages = list(pages)
+        return (ctypes.c_uint32 * max(len(pages), 1))(*pages), len(pages)
+
+    def swap_out(self, pages, stream: int = 0) -> None:
+        """Queues the copy of `pages` (pinned or reclaimable) to host chunks,
+        after `stream`'s work so far; they are SWAPPING_OUT, then SWAPPED
+        once finish_swaps() sees the copy done. All or nothing:
+        OutOfMemoryError when the host tier is full, ValueError for a page
+        with no data or listed twice."""
+        arr, n = self._page_array(pages)
+        raise_for_status(N.lib.ellm_kv_swap_out(self.handle, arr, n, stream))
+
+    def swap_in(self, pages, stream: int = 0) -> None:
+        """Maps fresh chunks under swapped `pages` at the same addresses and
+        queues the copy back (SWAPPING_IN until finished). All or nothing:
+        OutOfMemoryError when the pool cannot give the chunks."""
+        arr, n = self._page_array(pages)
+        raise_for_status(N.lib.ellm_kv_swap_in(self.handle, arr, n, stream))
+
+    def finish_swaps(self, wait: bool = False) -> int:
+        """Ends the swaps whose copies are done (all of them if `wait`);
+        returns how many pages changed state."""
+        return N.lib.ellm_kv_finish_swaps(self.handle, int(wait))
+
+    def swap_wait(self, pages, stream: int = 0) -> None:
+        """Work queued on `stream` from now sees `pages` swapped in (on the
+        host backend this call waits for their copies)."""
+        arr, n = self._page_array(pages)
+        raise_for_status(N.lib.ellm_kv_swap_wait(self.handle, arr, n, stream))
+
+    @property
+    def host_owner(self) -> int:
+        return N.lib.ellm_kv_host_owner(self.handle)
+
     def state(self, page: int) -> int:
-        """0 unmapped, 1 pinned, 2 reclaimable, 3 zero; ValueError for a page out of range."""
+        """0 unmapped, 1 pinned, 2 reclaimable, 3 zero, 4 swapping out, 5
+        swapped, 6 swapping in; ValueError for a page out of range."""
         r = N.lib.ellm_kv_state(self.handle, page)
         if r < 0:
             raise_for_status(-r)
