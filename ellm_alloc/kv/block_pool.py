@@ -24,6 +24,22 @@ fresh page is not free: it is memory the torch arena could use. Pages that end
 up sparsely used anyway (their other requests finished) are packed by
 compaction: live blocks move into the free slots of fuller pages when that
 unmaps more chunks than it maps.
+
+Swap (the pool's host tier). A preempted request's blocks can move to host
+memory chunk by chunk and come back at the same addresses, so block ids and
+tables stay valid. Only a chunk whose every block is either held by that
+request alone or free is swapped: a block shared with a running request (a
+prefix hit, a fork) keeps its chunk resident, and so does a neighbour's block.
+While a chunk is swapped its blocks stay live (their holder still holds them)
+but are not resident:
+
+    swapped    iff  chunk_swapped (C++: swapping out or swapped)
+    a free slot over a swapped chunk is "blocked": no block is placed there
+    a swapped block has no prefix-cache hash (nobody may hit it); it gets it
+    back when swapped in
+
+A swapped block whose holder lets go is simply free, and its chunk's host
+copy is dropped once no live block is left over it.
 """
 from __future__ import annotations
 
@@ -82,6 +98,11 @@ class GroupBlockPool:
         self.chunk_cached = [0] * n_chunks  # evictable blocks over each chunk
         self.chunk_mapped = bytearray(n_chunks)  # what we mapped and the pool has not (visibly) taken
         self.mapped_chunks = 0
+        self.chunk_swapped = bytearray(n_chunks)  # in the host tier (not mapped)
+        self.swapped_chunks = 0
+        self.page_swapped = [0] * n  # swapped chunks per page
+        self.blocked: dict[int, set[int]] = {}  # page -> free slots over a swapped chunk
+        self.swap_hashes: dict[int, int] = {}  # swapped block -> the hash it gives up meanwhile
         self.evictions = 0
         self.max_pages: int | None = None  # a static partition's fixed size (benchmark baseline)
 
@@ -113,7 +134,13 @@ class GroupBlockPool:
 
     def _chunk_changed(self, k: int, stream: int = 0) -> None:
         """Puts chunk k's C++ state in line with the blocks over it (once none is live)."""
-        if self.chunk_live[k] or not self.chunk_mapped[k]:
+        if self.chunk_live[k]:
+            return
+        if self.chunk_swapped[k]:  # nobody wants its host copy any more
+            self.space.unmap(k, stream)
+            self._unswapped(k)
+            return
+        if not self.chunk_mapped[k]:
             return
         if self.chunk_cached[k]:
             page, offset = divmod(k, self.chunks_per_page)
@@ -157,6 +184,9 @@ class GroupBlockPool:
 
     def _slot_freed(self, b: int) -> None:
         page = b // self.ratio
+        if self.page_swapped[page] and any(self.chunk_swapped[k] for k in self.block_chunks(b)):
+            self.blocked.setdefault(page, set()).add(b % self.ratio)
+            return
         self.page_free[page].append(b % self.ratio)
         self._has_free_slot(page)
 
@@ -290,7 +320,7 @@ class GroupBlockPool:
         chunks go only once all its blocks have moved). Only pages with no
         cached block take part, so the prefix cache is left as it is."""
         partly = [p for p, free in self.page_free.items()
-                  if free and self.page_live[p] and not self.page_cached[p]]
+                  if free and self.page_live[p] and not self.page_cached[p] and not self.page_swapped[p]]
         partly.sort(key=lambda p: (self.page_live[p], p))
         free = {p: list(self.page_free[p]) for p in partly}
         to_map: set[int] = set()  # chunks the planned moves map
@@ -404,6 +434,7 @@ class GroupBlockPool:
             return
         page = b // self.ratio
         self.page_live[page] -= 1
+        self.swap_hashes.pop(b, None)  # a swapped block let go of keeps no hash
         cache = cache_priority is not None and b in self.block_hash
         if cache:
             self.priority[b] = cache_priority
@@ -455,6 +486,98 @@ class GroupBlockPool:
             for k in self.block_chunks(b):
                 self.chunk_cached[k] -= 1
 
+    # ---- swap to the host tier --------------------------------------------------------
+
+    def swappable_chunks(self, blocks: list[int]) -> list[int]:
+        """Chunks under `blocks` (one request's, each held by it alone) that
+        can go to the host tier: mapped, and every block over them one of
+        `blocks` or free."""
+        mine = set(blocks)
+        out: list[int] = []
+        seen: set[int] = set()
+        for b in blocks:
+            page = b // self.ratio
+            for k in self.block_chunks(b):
+                if k in seen:
+                    continue
+                seen.add(k)
+                if not self.chunk_mapped[k] or self.chunk_cached[k]:
+                    continue
+                offset = k - page * self.chunks_per_page
+                if all(page * self.ratio + s in mine or self._is_free(page * self.ratio + s)
+                       for s in self.chunk_slots[offset]):
+                    out.append(k)
+        return sorted(out)
+
+    def _is_free(self, b: int) -> bool:
+        return self.ref[b] == 0 and b not in self.priority
+
+    def swap_out(self, chunks: list[int], blocks: list[int], stream: int = 0) -> None:
+        """Moves `chunks` (from swappable_chunks(blocks)) to the host tier.
+        All or nothing: OutOfMemoryError (host tier full) or a copy failure
+        leaves everything resident."""
+        if not chunks:
+            return
+        self.space.swap_out(chunks, stream)
+        for k in chunks:
+            self.chunk_mapped[k] = 0
+            self.mapped_chunks -= 1
+            self.chunk_swapped[k] = 1
+            self.swapped_chunks += 1
+            page, offset = divmod(k, self.chunks_per_page)
+            self.page_swapped[page] += 1
+            free = self.page_free[page]
+            for slot in self.chunk_slots[offset]:
+                if slot in free:  # no block may be placed over a swapped chunk
+                    free.remove(slot)
+                    self.blocked.setdefault(page, set()).add(slot)
+            if not free:
+                self._no_free_slot(page)
+        swapped = set(chunks)
+        for b in blocks:
+            h = self.block_hash.get(b)
+            if h is not None and any(k in swapped for k in self.block_chunks(b)):
+                self._uncache(b)
+                self.swap_hashes[b] = h
+
+    def swap_in(self, chunks: list[int], stream: int = 0) -> None:
+        """Maps fresh chunks under swapped `chunks` at their addresses and
+        queues the copies back. All or nothing: OutOfMemoryError when the
+        pool cannot give them."""
+        if not chunks:
+            return
+        self.space.swap_in(chunks, stream)
+        for k in chunks:
+            self._unswapped(k)
+            self.chunk_mapped[k] = 1
+            self.mapped_chunks += 1
+        for k in chunks:
+            page = k // self.chunks_per_page
+            for slot in self.chunk_slots[k % self.chunks_per_page]:
+                b = page * self.ratio + slot
+                h = self.swap_hashes.get(b)
+                if h is not None and not any(self.chunk_swapped[c] for c in self.block_chunks(b)):
+                    del self.swap_hashes[b]
+                    self.cache(b, h)
+
+    def _unswapped(self, k: int) -> None:
+        """Chunk k is no longer swapped: its blocked free slots whose chunks
+        are all resident (or unbacked) can take blocks again."""
+        self.chunk_swapped[k] = 0
+        self.swapped_chunks -= 1
+        page, offset = divmod(k, self.chunks_per_page)
+        self.page_swapped[page] -= 1
+        blocked = self.blocked.get(page)
+        for slot in self.chunk_slots[offset]:
+            b = page * self.ratio + slot
+            if not any(self.chunk_swapped[c] for c in self.block_chunks(b)):
+                if blocked and slot in blocked:
+                    blocked.discard(slot)
+                    self.page_free[page].append(slot)
+                    self._has_free_slot(page)
+        if blocked is not None and not blocked:
+            del self.blocked[page]
+
     # ---- figures -------------------------------------------------------------------
 
     def num_evictable(self) -> int:
@@ -502,8 +625,11 @@ class GroupBlockPool:
             cached = sum(1 for b in blocks if self.ref[b] == 0 and b in self.priority)
             assert live == self.page_live[page], (page, live, self.page_live[page])
             assert cached == self.page_cached[page], (page, cached, self.page_cached[page])
-            assert live + cached + len(free) == self.ratio, (page, live, cached, free)
-            assert len(set(free)) == len(free)
+            blocked = self.blocked.get(page, set())
+            assert live + cached + len(free) + len(blocked) == self.ratio, (page, live, cached, free, blocked)
+            assert len(set(free)) == len(free) and not blocked & set(free)
+            for slot in blocked:
+                assert any(self.chunk_swapped[k] for k in self.block_chunks(page * self.ratio + slot)), (page, slot)
             assert (page in self.leftovers) == bool(free)
             assert live or cached, f"page {page} is open with nothing in it"
             for b in blocks:
@@ -515,14 +641,23 @@ class GroupBlockPool:
             assert self.own_free[rid] == {p for p in pages if p in self.leftovers}, rid
         for k, mapped in enumerate(self.chunk_mapped):
             state = self.space.state(k)
-            if self.chunk_live[k]:
-                assert mapped and state == 1, (k, mapped, state)
+            if self.chunk_swapped[k]:  # 4 swapping out, 5 swapped
+                assert not mapped and self.chunk_live[k] and not self.chunk_cached[k] and state in (4, 5), \
+                    (k, mapped, state)
+            elif self.chunk_live[k]:
+                assert mapped and state in (1, 6), (k, mapped, state)  # 6: swapping in
             elif self.chunk_cached[k]:
                 # 0 is possible: reclaimed by the pool, not yet seen by sync().
                 assert mapped and state in (2, 0), (k, mapped, state)
             else:
                 assert not mapped and state == 0, f"chunk {k} is mapped with nothing over it"
         assert self.mapped_chunks == sum(self.chunk_mapped)
+        assert self.swapped_chunks == sum(self.chunk_swapped)
+        for page in range(self.n_pages):
+            base = page * self.chunks_per_page
+            assert self.page_swapped[page] == sum(self.chunk_swapped[base:base + self.chunks_per_page])
+        for b in self.swap_hashes:
+            assert self.ref[b] and any(self.chunk_swapped[k] for k in self.block_chunks(b)), b
         for page in self.unmapped:
             assert page not in self.page_free
         assert len(self.unmapped) + len(self.page_free) == self.n_pages

@@ -61,6 +61,13 @@ class RequestState:
     prompt_len: int = 0
     hashes: list[int] = field(default_factory=list)
     hit_tokens: int = 0
+    # Swap: None (resident), OUT (swapping out or swapped) or IN (swapping in);
+    # the chunks of each group in the host tier or on their way back.
+    swap: str | None = None
+    swap_chunks: list[list[int]] = field(default_factory=list)
+
+
+SWAP_OUT, SWAP_IN = "out", "in"
 
 
 class KVCacheManager:
@@ -132,6 +139,8 @@ class KVCacheManager:
         self._views: dict[int, tuple[torch.Tensor, ...]] = {}
         self.stats_hit_tokens = 0
         self.stats_query_tokens = 0
+        self.stats_swap_outs = 0
+        self.stats_swap_ins = 0
 
     # ---- request lifetime ---------------------------------------------------------
 
@@ -186,6 +195,8 @@ class KVCacheManager:
         """Whether allocate_slots would succeed now, counting free slots,
         evictable cached blocks and what the pool can still give."""
         self._check_capacity(request_id, num_new_tokens)
+        if self._state(request_id).swap == SWAP_OUT:
+            return False
         self.sync()
         needed = self.num_blocks_needed(request_id, num_new_tokens)
         chunks_short = sum(bp.chunks_needed(n) for n, bp in zip(needed, self.pools))
@@ -200,6 +211,7 @@ class KVCacheManager:
             raise ValueError(f"num_new_tokens must be >= 0, got {num_new_tokens}")
         self._check_capacity(request_id, num_new_tokens)
         st = self._state(request_id)
+        self._require_resident(st, "allocate slots for", stream)
         self.sync()
         released = 0
         total = st.num_tokens + num_new_tokens
@@ -233,6 +245,8 @@ class KVCacheManager:
         """Releases the request's blocks; full ones stay cached (evictable)."""
         st = self._state(request_id)
         prompt_blocks = st.prompt_len // self.block_size
+        if st.swap == SWAP_IN:  # its chunks may still be landing: they are resident to drop
+            self._require_resident(st, "free", stream)
         for m in self.managers:
             m.free(request_id, prompt_blocks, stream)
         del self.requests[request_id]
@@ -251,6 +265,7 @@ class KVCacheManager:
         parent = self._state(parent_id)
         if child_id in self.requests:
             raise ValueError(f"request {child_id!r} is already known")
+        self._require_resident(parent, "fork")
         self.sync()
         n = parent.num_tokens
         full = n // self.block_size
@@ -355,6 +370,125 @@ class KVCacheManager:
                     f"{m.group.group_id} ({m.group.kind}); the KV space holds at most {m.pool.n_pages}"
                 )
 
+    # ---- swap to the host tier ------------------------------------------------------
+
+    def swap_out(self, request_id: str, stream: int = 0) -> int:
+        """Moves a preempted request's KV to the pool's host tier (Pool's
+        cpu_budget), after the work queued on `stream` so far; returns the
+        bytes that move. Its device chunks go back to the pool once the
+        copies are done (see swap_ready). Blocks it shares with other
+        requests, and chunks it shares with their blocks, stay resident.
+        Its block ids do not change. All or nothing: OutOfMemoryError when
+        the host tier cannot take it all, and the request stays resident.
+        ValueError if it is swapped out already."""
+        st = self._state(request_id)
+        if st.swap is not None:
+            raise ValueError(f"request {request_id!r} is swapped {'out' if st.swap == SWAP_OUT else 'in'} "
+                             "already; swap_out() takes a resident request")
+        self.sync()
+        plan = []
+        for m in self.managers:
+            mine = [b for b in m.req_blocks.get(request_id, []) if b is not None and m.pool.ref[b] == 1]
+            plan.append((m.pool, m.pool.swappable_chunks(mine), mine))
+        total = sum(len(chunks) for _, chunks, _ in plan)
+        host = self.pool.host_tier()
+        room = host["free_chunks"] + host["budget_bytes"] // host["chunk_bytes"] - host["created_chunks"]
+        if total > room:
+            raise OutOfMemoryError(f"swap_out({request_id!r}): the host tier has room for {room} chunks, "
+                                   f"the request needs {total} (raise the pool's cpu_budget)")
+        done = []
+        try:
+            for bp, chunks, mine in plan:
+                bp.swap_out(chunks, mine, stream)
+                done.append((bp, chunks))
+        except BaseException:
+            for bp, chunks in done:  # still swapping out: swapping in keeps their device chunks
+                bp.swap_in(chunks, stream)
+                bp.space.finish_swaps(wait=True)
+            raise
+        st.swap = SWAP_OUT
+        st.swap_chunks = [chunks for _, chunks, _ in plan]
+        self.stats_swap_outs += 1
+        return total * self.layout.chunk_bytes
+
+    def can_swap_in(self, request_id: str) -> bool:
+        """Whether the pool can give the device chunks swap_in() needs now."""
+        st = self._state(request_id)
+        if st.swap != SWAP_OUT:
+            return False
+        need = sum(len(c) for c in st.swap_chunks)
+        return need <= self.pool.available_chunks(self.spaces[0].owner)
+
+    def swap_in(self, request_id: str, stream: int = 0) -> None:
+        """Brings a swapped-out request's KV back at the same addresses: fresh
+        chunks are mapped and the copies back queued. The request's next
+        allocate_slots() (or wait_swap()) orders `stream` after them. All or
+        nothing: OutOfMemoryError when the pool cannot give the chunks.
+        ValueError if the request is not swapped out."""
+        st = self._state(request_id)
+        if st.swap != SWAP_OUT:
+            raise ValueError(f"request {request_id!r} is not swapped out")
+        self.sync()
+        done = []
+        try:
+            for bp, chunks in zip(self.pools, st.swap_chunks):
+                bp.swap_in(chunks, stream)
+                done.append((bp, chunks))
+        except BaseException:
+            for bp, chunks in done:  # back out, once their copies back have landed
+                bp.space.finish_swaps(wait=True)
+                mine = [b for b in self.managers[self.pools.index(bp)].req_blocks.get(request_id, [])
+                        if b is not None and bp.ref[b] == 1]
+                bp.swap_out(chunks, mine, stream)
+            raise
+        st.swap = SWAP_IN
+        self.stats_swap_ins += 1
+
+    def swap_ready(self, request_id: str) -> bool:
+        """Whether the request's swap has finished: swapped out, its device
+        chunks back in the pool; or swapped in, its bytes back. Never blocks."""
+        st = self._state(request_id)
+        if st.swap is None:
+            return True
+        want = 5 if st.swap == SWAP_OUT else 1  # swapped / pinned (kv/space.py)
+        for bp, chunks in zip(self.pools, st.swap_chunks):
+            if chunks:
+                bp.space.finish_swaps()
+            if any(bp.space.state(k) != want for k in chunks):
+                return False
+        if st.swap == SWAP_IN:
+            self._swap_done(st)
+        return True
+
+    def wait_swap(self, request_id: str, stream: int = 0) -> None:
+        """Waits for the request's swap: a swap-out until its device chunks
+        are back in the pool; a swap-in until `stream` is ordered after the
+        copies back (on the host backend, until they are done)."""
+        st = self._state(request_id)
+        if st.swap == SWAP_OUT:
+            for bp, chunks in zip(self.pools, st.swap_chunks):
+                if chunks:
+                    bp.space.finish_swaps(wait=True)
+        elif st.swap == SWAP_IN:
+            self._require_resident(st, "wait for", stream)
+
+    def is_swapped_out(self, request_id: str) -> bool:
+        return self._state(request_id).swap == SWAP_OUT
+
+    def _require_resident(self, st: RequestState, what: str, stream: int = 0) -> None:
+        """Refuses a swapped-out request; orders `stream` after a swap-in."""
+        if st.swap == SWAP_OUT:
+            raise ValueError(f"cannot {what} request {st.request_id!r}: it is swapped out; swap_in() it first")
+        if st.swap == SWAP_IN:
+            for bp, chunks in zip(self.pools, st.swap_chunks):
+                if chunks:
+                    bp.space.swap_wait(chunks, stream)
+            self._swap_done(st)
+
+    def _swap_done(self, st: RequestState) -> None:
+        st.swap = None
+        st.swap_chunks = []
+
     # ---- ballooning -------------------------------------------------------------------
 
     def reserve_headroom(self, nbytes: int) -> None:
@@ -378,6 +512,8 @@ class KVCacheManager:
         requests share (a prefix hit, a fork) counted once."""
         total = 0
         for st in self.requests.values():
+            if st.swap == SWAP_OUT:  # in the host tier: needs no device memory now
+                continue
             for g in self.layout.groups:
                 total += g.spec.live_bytes(st.num_tokens) * len(g.layers)
         for g, bp in zip(self.layout.groups, self.pools):
@@ -411,6 +547,7 @@ class KVCacheManager:
                 "maps": space.stats()["maps"],
                 "unmaps": space.stats()["unmaps"],
                 "state_bytes_copied": getattr(m, "bytes_copied", 0),
+                "swapped_chunks": bp.swapped_chunks,
             })
         mapped = self.mapped_bytes()
         return {
@@ -423,6 +560,10 @@ class KVCacheManager:
             "maps": sum(g["maps"] for g in groups),
             "unmaps": sum(g["unmaps"] for g in groups),
             "state_bytes_copied": sum(g["state_bytes_copied"] for g in groups),
+            "swapped_bytes": sum(g["swapped_chunks"] for g in groups) * self.layout.chunk_bytes,
+            "swapped_requests": sum(1 for st in self.requests.values() if st.swap == SWAP_OUT),
+            "swap_outs": self.stats_swap_outs,
+            "swap_ins": self.stats_swap_ins,
             "groups": groups,
         }
 
