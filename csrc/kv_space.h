@@ -223,6 +223,7 @@ class KvSpace {
     if (r != kOk) return r;
     for (uint32_t i = 0; i < n; ++i) {
       uint32_t p = pages[i];
+      if (pages_[p].state == kSwappingIn) finish_locked(p, true);  // its bytes land first
       if (pages_[p].state != kPinned && pages_[p].state != kReclaimable)
         return mark_clear_locked(pages, n), *why = "page " + std::to_string(p) + " holds no data to swap out",
                kInvalidArgument;

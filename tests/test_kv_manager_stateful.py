@@ -23,6 +23,14 @@ sliding-window and Mamba layers, and after every step checks:
 It runs on two models: one whose blocks divide the chunk, and one whose
 blocks straddle chunk boundaries (a chunk shared by two blocks, mapped while
 either is used, reclaimable only when neither is live).
+
+Swap (the pool's host tier): swap_out, swap_in, polling swap_ready and
+waiting, with arena pressure in between (a squeeze reclaims the device
+chunks of finished swap-outs while others are still copying). Swapped-out
+requests are neither extended nor forked (the rules check that refusal);
+their bytes are checked once they are back. The ledger invariant covers both
+tiers: each space's host owner holds exactly its swapped pages, and nothing
+is left in the host tier at teardown.
 """
 from __future__ import annotations
 
@@ -36,6 +44,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from ellm_alloc import OutOfMemoryError, Pool
 from ellm_alloc.kv import FullAttentionSpec, KVCacheManager, MambaSpec, ModelKVSpec, SlidingWindowSpec
 from ellm_alloc.kv.layout import plan_layout
+from ellm_alloc.kv.space import SWAPPING_IN, SWAPPING_OUT
 
 
 MiB = 1 << 20
@@ -62,6 +71,16 @@ STRADDLING = ModelKVSpec("straddling-tiny", (
     SlidingWindowSpec(6, 1024, F32, window=WINDOW),
     FullAttentionSpec(6, 1024, F32),
     MambaSpec(dtype=F32, conv_shape=(64, 1024), ssm_shape=(320, 1024)),
+))
+
+# Blocks of a whole chunk each (full: 2 layers x 8 tokens x 128 KiB = 2 MiB;
+# Mamba state 2 MiB; sliding 1 MiB, two to a chunk): most of a request's
+# chunks are its own, so swaps move real bytes.
+WHOLE_CHUNKS = ModelKVSpec("whole-chunks-tiny", (
+    FullAttentionSpec(16, 1024, F32),
+    SlidingWindowSpec(16, 1024, F32, window=WINDOW),
+    FullAttentionSpec(16, 1024, F32),
+    MambaSpec(dtype=F32, conv_shape=(64, 1024), ssm_shape=(448, 1024)),
 ))
 
 
@@ -100,7 +119,7 @@ class KVMachine(RuleBasedStateMachine):
 
     def __init__(self):
         super().__init__()
-        self.pool = Pool("cpu", budget=self.budget)
+        self.pool = Pool("cpu", budget=self.budget, cpu_budget=self.budget)
         self.chunk = self.pool.stats()["chunk_bytes"]
         self.mgr = KVCacheManager(self.model, self.pool, block_size=BS,
                                   max_cached_fraction=self.max_cached_fraction)
@@ -166,11 +185,26 @@ class KVMachine(RuleBasedStateMachine):
             self.mgr.free(rid)
             del self.reqs[rid]
 
+    def _resident(self) -> list[str]:
+        return sorted(r for r in self.reqs if not self.mgr.is_swapped_out(r))
+
+    def _swapped(self) -> list[str]:
+        return sorted(r for r in self.reqs if self.mgr.is_swapped_out(r))
+
     @precondition(lambda self: self.reqs)
     @rule(data=st.data(), toks=st.lists(st.integers(0, 9), min_size=1, max_size=10))
     def extend(self, data, toks):
         rid = data.draw(st.sampled_from(sorted(self.reqs)))
         n = len(self.reqs[rid].tokens)
+        if self.mgr.is_swapped_out(rid):
+            try:
+                self.mgr.allocate_slots(rid, len(toks), new_token_ids=toks)
+            except ValueError as e:
+                assert "swapped out" in str(e)
+            else:
+                raise AssertionError("a swapped-out request was extended")
+            assert self.mgr.requests[rid].num_tokens == n
+            return
         if self.mgr.allocate_slots(rid, len(toks), new_token_ids=toks):
             self.reqs[rid].extend(toks)
             self._write(rid, n, n + len(toks))
@@ -189,6 +223,15 @@ class KVMachine(RuleBasedStateMachine):
     def fork(self, data):
         parent = data.draw(st.sampled_from(sorted(self.reqs)))
         child = self._new_id()
+        if self.mgr.is_swapped_out(parent):
+            try:
+                self.mgr.fork(parent, child)
+            except ValueError as e:
+                assert "swapped out" in str(e)
+            else:
+                raise AssertionError("a swapped-out request was forked")
+            assert child not in self.mgr.requests
+            return
         try:
             self.mgr.fork(parent, child)
         except OutOfMemoryError:
@@ -204,6 +247,50 @@ class KVMachine(RuleBasedStateMachine):
             for i in range(full, len(pt)):  # blocks still being written: the child's own copies
                 assert (ct[i] is None) == (pt[i] is None)
                 assert ct[i] is None or ct[i] != pt[i]
+
+    @precondition(lambda self: any(not self.mgr.is_swapped_out(r) for r in self.reqs))
+    @rule(data=st.data(), wait=st.booleans())
+    def swap_out(self, data, wait):
+        rid = data.draw(st.sampled_from(self._resident()))
+        before = self.pool.host_tier()
+        try:
+            moved = self.mgr.swap_out(rid)
+        except OutOfMemoryError:
+            after = self.pool.host_tier()  # all or nothing: no host chunk taken
+            assert sum(o["held_chunks"] for o in after["owners"]) == sum(o["held_chunks"] for o in before["owners"])
+            assert not self.mgr.is_swapped_out(rid)
+            return
+        assert moved % self.chunk == 0 and self.mgr.is_swapped_out(rid)
+        if wait:
+            self.mgr.wait_swap(rid)
+            assert self.mgr.swap_ready(rid)
+        try:
+            self.mgr.swap_out(rid)
+        except ValueError:
+            pass
+        else:
+            raise AssertionError("a request was swapped out twice")
+
+    @precondition(lambda self: any(self.mgr.is_swapped_out(r) for r in self.reqs))
+    @rule(data=st.data(), wait=st.booleans())
+    def swap_in(self, data, wait):
+        rid = data.draw(st.sampled_from(self._swapped()))
+        can = self.mgr.can_swap_in(rid)
+        try:
+            self.mgr.swap_in(rid)
+        except OutOfMemoryError:
+            assert not can, "can_swap_in() said yes, swap_in() ran out of memory"
+            assert self.mgr.is_swapped_out(rid)  # still swapped out, bytes still in the host tier
+            return
+        assert not self.mgr.is_swapped_out(rid)
+        if wait:
+            self.mgr.wait_swap(rid)
+            assert self.mgr.swap_ready(rid)
+
+    @rule()
+    def poll_swaps(self):
+        for rid in sorted(self.reqs):
+            self.mgr.swap_ready(rid)
 
     @rule()
     def compact(self):
@@ -284,6 +371,9 @@ class KVMachine(RuleBasedStateMachine):
     def data_intact(self):
         (states,) = self.mgr.layer_tensors(MAMBA_LAYER)
         for rid, r in self.reqs.items():
+            if self.mgr.is_swapped_out(rid):  # unreadable: checked once it is back
+                continue
+            self.mgr.wait_swap(rid)  # a swap-in's copies land before we read
             n = len(r.tokens)
             assert self.mgr.requests[rid].num_tokens == n
             ph = torch.tensor(r.ph, dtype=torch.int64)
@@ -333,8 +423,17 @@ class KVMachine(RuleBasedStateMachine):
         assert held + stats["free_chunks"] == stats["created_chunks"]
         assert stats["created_chunks"] * self.chunk <= stats["budget_bytes"]
         self.mgr.sync()
-        for g, space in zip(self.mgr.usage()["groups"], self.mgr.spaces):
-            assert g["mapped_chunks"] == space.stats()["mapped_pages"], (g, space.stats())
+        host = self.pool.host_tier()
+        assert host["created_chunks"] == host["free_chunks"] + sum(o["held_chunks"] for o in host["owners"])
+        assert host["created_chunks"] * self.chunk <= host["budget_bytes"]
+        for g, space, bp in zip(self.mgr.usage()["groups"], self.mgr.spaces, self.mgr.pools):
+            # C++ still holds the device chunk of a page swapping out; Python let go of it.
+            states = [space.state(k) for k in range(space.n_pages)]
+            out, back = states.count(SWAPPING_OUT), states.count(SWAPPING_IN)
+            stats = space.stats()
+            assert g["mapped_chunks"] + out == stats["mapped_pages"], (g, stats)
+            assert bp.swapped_chunks + back == stats["host_pages"], (bp.swapped_chunks, back, stats)
+            assert host["owners"][space.host_owner]["held_chunks"] == stats["host_pages"]
 
     def teardown(self):
         try:
@@ -348,6 +447,9 @@ class KVMachine(RuleBasedStateMachine):
             assert all(o["held_chunks"] == 0 for o in owners), owners
             s = self.pool.stats()
             assert s["free_chunks"] == s["created_chunks"]
+            host = self.pool.host_tier()
+            assert host["free_chunks"] == host["created_chunks"], host
+            assert all(o["held_chunks"] == 0 for o in host["owners"]), host
         finally:
             leaked = self.pool.close()
         assert leaked == 0, f"pool closed with {leaked} live blocks"
@@ -357,6 +459,11 @@ class StraddlingKVMachine(KVMachine):
     model = STRADDLING
     budget = "64MiB"
     max_cached_fraction = float("inf")  # every released full block stays cached, for the arena to reclaim
+
+
+class WholeChunkKVMachine(KVMachine):
+    model = WHOLE_CHUNKS
+    budget = "64MiB"
 
 
 def _run(machine, mem, examples):
@@ -381,3 +488,8 @@ def test_kv_manager_stateful_straddling_blocks(mem):
     groups = plan_layout(STRADDLING, BS, 2 * MiB).groups
     assert [(g.ratio, g.large_page_bytes) for g in groups] == [(8, 6 * MiB), (16, 6 * MiB), (4, 6 * MiB)]
     _run(StraddlingKVMachine, mem, 50)
+
+
+def test_kv_manager_stateful_swap(mem):
+    """Blocks of whole chunks: swap_out and swap_in move most of a request."""
+    _run(WholeChunkKVMachine, mem, 50)

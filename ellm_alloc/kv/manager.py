@@ -483,6 +483,7 @@ class KVCacheManager:
             for bp, chunks in zip(self.pools, st.swap_chunks):
                 if chunks:
                     bp.space.swap_wait(chunks, stream)
+                    bp.space.finish_swaps()  # host chunks of the copies done go back now
             self._swap_done(st)
 
     def _swap_done(self, st: RequestState) -> None:
