@@ -1,4 +1,4 @@
-"""python -m ellm_alloc.bench {replay,hotpath,kv,generate,cpu-routing,gpu} [--json]
+"""python -m ellm_alloc.bench {replay,hotpath,kv,generate,cpu-routing,gpu,swap} [--json]
 
 replay TRACE   replays an allocation trace through the arena on a host pool and,
                side by side, through models of plain VA-first best fit and of
@@ -15,6 +15,10 @@ cpu-routing    the same generate() with torch's native CPU allocator and with
                the pool (enable(device="cpu")), in alternating fresh processes:
                tokens/s of each and their ratio, fragmentation, malloc calls.
 gpu            (CUDA only) ours vs torch native vs expandable_segments.
+swap           KV pages to the host tier and back: bandwidth each way against a
+               plain copy of the same size (memcpy on the host backend,
+               cudaMemcpyAsync on CUDA), bit-exact, and a decode step's latency
+               while a swap runs beside it (--json PATH writes the report).
 
 With --json the last line printed is one JSON object with every figure.
 """
@@ -203,6 +207,15 @@ def main(argv: list[str] | None = None) -> int:
     gp = sub.add_parser("gpu", help="GPU tier: ours vs native vs expandable_segments (needs CUDA)")
     gp.add_argument("--out", help="write the report JSON here (e.g. benchmarks/results/gpu_allocator.json)")
     gp.add_argument("--json", action="store_true")
+    sw = sub.add_parser("swap", help="host-tier swap bandwidth vs a plain copy, and a decode step beside a swap")
+    sw.add_argument("--sizes", nargs="+", metavar="SIZE",
+                    help="KV sizes, multiples of the chunk size (default 64MiB 256MiB 1GiB 4GiB; "
+                         "a size that cannot fit in memory now is skipped, saying so)")
+    sw.add_argument("--device", default="cpu", help="cpu (host backend, default) or cuda[:N]")
+    sw.add_argument("--repeats", type=int, default=3, help="timed round trips per size, after a cold one")
+    sw.add_argument("--steps", type=int, default=20, help="decode steps timed alone and during each swap direction")
+    sw.add_argument("--json", nargs="?", const="-", metavar="PATH",
+                    help="write the report (figures and conditions) to PATH; without PATH print it as the last line")
     args = ap.parse_args(argv)
 
     if args.cmd == "kv":
@@ -261,6 +274,31 @@ def main(argv: list[str] | None = None) -> int:
         cpu_routing.print_report(r)
         if args.json:
             print(json.dumps(r))
+        return 0
+
+    if args.cmd == "swap":
+        import shlex
+
+        from . import swap
+
+        command = "python -m ellm_alloc.bench " + " ".join(
+            shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+        try:
+            doc = swap.run(args.sizes, args.device, args.repeats, args.steps,
+                           progress=lambda m: print(m, file=sys.stderr, flush=True), command=command)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except swap.SwapMismatch as e:  # the swap core lost or changed bytes: loud, and a failing status
+            print(f"error: swap round trip is not bit-exact: {e}", file=sys.stderr)
+            return 1
+        swap.print_report(doc)
+        if args.json == "-":
+            print(json.dumps(doc))
+        elif args.json:
+            with open(args.json, "w") as f:
+                f.write(json.dumps(doc, indent=1) + "\n")
+            print(f"wrote {args.json}")
         return 0
 
     if args.cmd == "gpu":
