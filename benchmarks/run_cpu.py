@@ -1,7 +1,7 @@
 """Runs the CPU benchmarks and writes their figures, with the conditions, to
 benchmarks/results/cpu_*.json.
 
-    python benchmarks/run_cpu.py [replay] [hotpath] [kv] [kvspecs] [generate] [cpu-routing]   (default: all)
+    python benchmarks/run_cpu.py [replay] [hotpath] [kv] [kvspecs] [kvswap] [generate] [cpu-routing]   (default: all)
     python benchmarks/run_cpu.py table        # the README's KV table, from the stored results
 
 Every file holds the exact command, the date, the machine (CPU model, cores)
@@ -79,7 +79,8 @@ def kv_table() -> str:
     for name in PRESETS + OUT_OF_SAMPLE_SPECS:
         doc = json.loads((OUT / f"cpu_kv_{name}.json").read_text())
         for r in doc["report"]["reports"]:
-            res = r["results"]
+            by_name = {x["allocator"]: x for x in r["results"]}
+            res = [by_name[a] for a in ("ellm", "max-page", "static")]
             ellm = res[0]
             hit = "-" if "error" in ellm else f"{ellm['prefix_hit_rate']:.3f}"
             rows.append(f"| {name} | {r['workload']} | {r['budget_bytes'] >> 30} GiB | "
@@ -88,11 +89,31 @@ def kv_table() -> str:
     return "\n".join(rows)
 
 
+def swap_table() -> str:
+    """Markdown rows of the README's swap-versus-recompute table, read from cpu_kv_swap_*.json."""
+    rows = ["| model | budget (device = host) | preemptions (ellm / ellm+swap) | recomputed tokens (ellm / ellm+swap) "
+            "| swapped out | steps (ellm / ellm+swap) |",
+            "| --- | --- | --- | --- | --- | --- |"]
+    for name in PRESETS:
+        path = OUT / f"cpu_kv_swap_{name}.json"
+        if not path.exists():
+            continue
+        r = json.loads(path.read_text())["report"]
+        x = {y["allocator"]: y for y in r["results"]}
+        e, s = x["ellm"], x["ellm+swap"]
+        rows.append(f"| {name} | {r['budget_bytes'] >> 30} GiB | {e['preemptions']} / {s['preemptions']} "
+                    f"| {e['recomputed_tokens']} / {s['recomputed_tokens']} | {s['swapped_out_bytes'] / 2**30:.1f} GiB "
+                    f"| {e['steps']} / {s['steps']} |")
+    return "\n".join(rows)
+
+
 def main(parts: list[str]) -> None:
     if parts == ["table"]:
         print(kv_table())
+        print()
+        print(swap_table())
         return
-    parts = parts or ["replay", "hotpath", "kv", "generate", "cpu-routing"]  # kv includes kvspecs
+    parts = parts or ["replay", "hotpath", "kv", "kvswap", "generate", "cpu-routing"]  # kv includes kvspecs
     if "replay" in parts:
         traces = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "benchmarks" / "traces").glob("*.trace"))
         run(["replay", *traces], "replay")
@@ -104,6 +125,13 @@ def main(parts: list[str]) -> None:
     if "kv" in parts or "kvspecs" in parts:
         for spec in OUT_OF_SAMPLE_SPECS:
             run(["kv", "--spec", f"benchmarks/specs/{spec}.json"], f"kv_{spec}")
+    if "kvswap" in parts:
+        # A preempted request swapped to a host tier as large as the device
+        # budget, against dropping and recomputing it; the budget is tight
+        # enough for mixed_burst to preempt on every preset.
+        for preset in PRESETS:
+            run(["kv", "--model", preset, "--workload", "benchmarks/workloads/mixed_burst.json", "--budget", "4GiB",
+                 "--allocators", "ellm,ellm+swap"], f"kv_swap_{preset}")
     if "generate" in parts:
         # One torch thread: on a small shared machine the thread pool's noise
         # swamps the difference between the caches.

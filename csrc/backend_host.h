@@ -435,8 +435,9 @@ class HostBackend final : public Backend {
 
   // Under mu_. Completes `ev`: a simulated stream is completed up to it (a
   // host wait on a GPU completes the work waited for); a copy stream's
-  // worker is waited for, after completing what it waits on.
-  void wait_locked(std::unique_lock<std::mutex>& g, const HostEvent& ev) {
+  // worker is waited for, after completing what it waits on. `ev` is a copy:
+  // the wait drops mu_, and events_ may reallocate meanwhile.
+  void wait_locked(std::unique_lock<std::mutex>& g, HostEvent ev) {
     StreamClock& c = clocks_[ev.stream];
     auto it = copy_streams_.find(ev.stream);
     if (it == copy_streams_.end()) {

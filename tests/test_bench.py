@@ -167,12 +167,42 @@ def test_kv_bench_shares_prefixes_and_reports_every_allocator(tmp_path):
                                  SlidingWindowSpec(kv_heads=8, head_dim=128, dtype="float32", window=128)] * 2)
     r = kvbench.run(model, _tiny_workload(tmp_path), budget=256 * MiB, progress=False)
     res = {x["allocator"]: x for x in r["results"]}
-    assert set(res) == {"ellm", "max-page", "static"}
+    assert set(res) == {"ellm", "ellm+swap", "max-page", "static"}
     for x in res.values():
         assert 0 < x["utilisation_time_avg"] <= 1.0, x  # shared blocks are counted once in the need
         assert x["peak_concurrent_requests"] >= 1
     # Every request after the first reuses the 64-token system prompt (4 full blocks of 16).
     assert res["ellm"]["prefix_hit_rate"] >= 0.5 * 64 / 96, res["ellm"]
+
+
+def test_kv_bench_swap_column_swaps_preempted_requests_instead_of_recomputing(tmp_path):
+    """A budget that makes ellm preempt: ellm drops and recomputes the
+    victims' KV; ellm+swap (host tier as large as the budget) swaps every
+    one out and back in, recomputing nothing, and both finish every request."""
+    from ellm_alloc.bench import kv as kvbench
+    from ellm_alloc.kv import FullAttentionSpec, ModelKVSpec, SlidingWindowSpec
+
+    model = ModelKVSpec("tiny", [FullAttentionSpec(kv_heads=8, head_dim=128, dtype="float32"),
+                                 SlidingWindowSpec(kv_heads=8, head_dim=128, dtype="float32", window=128)] * 2)
+    reqs = [{"arrival": i % 3, "prompt": 300 + 37 * i, "output": 120} for i in range(16)]
+    p = tmp_path / "tight.json"
+    p.write_text(json.dumps({"name": "tight", "requests": reqs}))
+    r = kvbench.run(model, p, budget=32 * MiB, progress=False, allocators=("ellm", "ellm+swap"))
+    res = {x["allocator"]: x for x in r["results"]}
+    assert set(res) == {"ellm", "ellm+swap"}
+    ellm, swap = res["ellm"], res["ellm+swap"]
+    assert ellm["preemptions"] > 0 and ellm["recomputed_tokens"] > 0, ellm
+    assert ellm["swap_outs"] == ellm["swap_ins"] == ellm["swapped_out_bytes"] == 0
+    assert swap["preemptions"] > 0 and swap["recomputed_tokens"] == 0, swap
+    assert swap["swap_outs"] == swap["swap_ins"] == swap["preemptions"]
+    assert swap["swapped_out_bytes"] >= swap["swap_outs"] * 2 * MiB  # whole chunks move
+
+
+def test_kv_bench_cli_refuses_an_unknown_allocator(tmp_path, capsys):
+    assert bench.main(["kv", "--model", "llama3-8b", "--workload", str(_tiny_workload(tmp_path)),
+                       "--budget", "1GiB", "--allocators", "ellm,vllm"]) == 2
+    err = capsys.readouterr().err
+    assert "--allocators: unknown ['vllm']" in err and "ellm+swap" in err
 
 
 @pytest.mark.parametrize("doc, match", [

@@ -34,6 +34,7 @@ FILES = [
     "test_kv_contiguous.py",
     "test_kv_bad_input.py",
     "test_kv_manager_stateful.py",
+    "test_swap_space.py",
     "test_hf_cache.py",
 ]
 

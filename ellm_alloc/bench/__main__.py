@@ -34,6 +34,7 @@ from pathlib import Path
 from ..config import human, parse_size
 from ..pool import Pool
 from . import trace as tr
+from .kv import ALLOCATORS as KV_ALLOCATORS
 from .best_fit_model import BestFitModel
 from .torch_model import TorchCachingModel
 
@@ -178,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     kp.add_argument("--max-cached-fraction", type=float,
                     help="cached prefix blocks kept, as a fraction of live blocks (default: the KV "
                          "manager's, 0.02; inf keeps them until memory is short)")
+    kp.add_argument("--allocators", default=",".join(KV_ALLOCATORS),
+                    help="comma-separated columns to run (default: all of %(default)s)")
     kp.add_argument("--json", action="store_true")
     gn = sub.add_parser("generate", help="generate(): ElasticCache (growing, fixed-shape) vs DynamicCache vs StaticCache")
     gn.add_argument("--model", required=True, help="preset name (llama3-8b, gemma3-12b-like, ...)")
@@ -230,10 +233,15 @@ def main(argv: list[str] | None = None) -> int:
         try:  # a malformed spec, workload or budget is reported in one line, as by `generate`
             model = get_preset(args.model) if args.model else ModelKVSpec.from_json(args.spec)
             budget = parse_size(args.budget, "budget") if args.budget else None
+            allocators = tuple(a.strip() for a in args.allocators.split(",") if a.strip())
+            unknown = [a for a in allocators if a not in kvbench.ALLOCATORS]
+            if unknown or not allocators:
+                raise ValueError(f"--allocators: unknown {unknown or 'empty list'}; choose from "
+                                 f"{', '.join(kvbench.ALLOCATORS)}")
             for w in workloads:
                 r = kvbench.run(model, w, budget, args.block_size,
                                 state_checkpoint_tokens=args.state_checkpoint_tokens,
-                                max_cached_fraction=args.max_cached_fraction)
+                                max_cached_fraction=args.max_cached_fraction, allocators=allocators)
                 kvbench.print_report(r)
                 reports.append(r)
         except (ValueError, OSError) as e:

@@ -9,11 +9,18 @@ on a fresh host pool with the same budget:
                elastic the same way
   static       two-level pages, but a fixed share of the budget per group,
                held whether used or not (a static per-type partition)
+  ellm+swap    ellm, with a host tier as large as the budget: a preempted
+               request's KV is swapped to host memory and swapped back in
+               before new requests are admitted, instead of being dropped
+               and recomputed (a preemption recomputes only when the host
+               tier is full)
 
 Figures per allocator: KV utilisation (bytes the live tokens need / bytes
 held for KV) averaged over steps and at the step of peak need; the peak
 number of concurrent requests; the prefix-cache hit rate (cached prompt
-tokens / prompt tokens, over admissions); preemptions.
+tokens / prompt tokens, over admissions); preemptions, the tokens they made
+recompute (KV that was dropped: prompt and output so far), and for
+ellm+swap the swaps and bytes moved each way.
 
 Workload JSON:
   {"name": str, "requests": [{"arrival": int, "prompt": int, "output": int,
@@ -170,12 +177,17 @@ def default_budget(model, items: list[WorkItem], block_size: int = 16) -> int:
     return max(DEFAULT_BUDGET, -(-2 * need // gib) * gib)
 
 
+ALLOCATORS = ("ellm", "ellm+swap", "max-page", "static")
+
+
 def run_one(model, items: list[WorkItem], budget: int, mode: str, block_size: int = 16,
             progress: bool = False, state_checkpoint_tokens: int | None = None,
             max_cached_fraction: float | None = None) -> dict:
+    from ..errors import OutOfMemoryError
     from ..kv.manager import KVCacheManager
 
-    pool = Pool("cpu", budget=budget)
+    swap = mode == "ellm+swap"
+    pool = Pool("cpu", budget=budget, cpu_budget=budget if swap else 0)
     kwargs = {}
     if mode == "max-page":
         kwargs.update(uniform_pages=True, compact=False)
@@ -190,16 +202,46 @@ def run_one(model, items: list[WorkItem], budget: int, mode: str, block_size: in
     per_request_keys = any(s.kind == "cross" for s in model.layers)
     waiting = deque(items)
     running: dict[str, list] = {}  # rid -> [item, generated]
+    swapped: deque[tuple[str, list]] = deque()  # preempted to the host tier, oldest first
     order: list[str] = []  # admission order, for preemption
     step = 0
     util_sum = util_steps = 0.0
     peak_held = peak_need = peak_util = 0.0
     hit_tokens = prompt_tokens = 0
-    peak_running = preemptions = 0
+    peak_running = preemptions = recomputed = swap_outs = swap_ins = 0
+    bytes_out = 0
     t0 = time.perf_counter()
-    while waiting or running:
+
+    def preempt(victim: str) -> None:
+        nonlocal preemptions, recomputed, swap_outs, bytes_out
+        vw, vgen = running.pop(victim)
+        preemptions += 1
+        if swap:
+            try:
+                bytes_out += mgr.swap_out(victim)
+            except OutOfMemoryError:
+                pass  # the host tier is full: recompute after all
+            else:
+                mgr.wait_swap(victim)  # nothing to overlap here: its chunks go back now
+                swap_outs += 1
+                swapped.append((victim, [vw, vgen]))
+                return
+        recomputed += mgr.requests[victim].num_tokens  # dropped KV, computed again on readmission
+        mgr.free(victim)
+        waiting.appendleft(vw)
+
+    while waiting or running or swapped:
+        # Swapped-out requests come back first, oldest first, while they fit.
+        while swapped and mgr.can_swap_in(swapped[0][0]):
+            rid, entry = swapped.popleft()
+            mgr.swap_in(rid)
+            swap_ins += 1
+            running[rid] = entry
+            order.append(rid)
+        if swapped and not running:
+            raise RuntimeError(f"{swapped[0][0]} cannot be swapped back in with nothing else running")
         # Admit arrived requests in order while they fit (head-of-line blocking, as FIFO schedulers do).
-        while waiting and waiting[0].arrival <= step:
+        while waiting and waiting[0].arrival <= step and not swapped:
             w = waiting[0]
             rid = f"r{w.index}"
             hit = mgr.add_request(rid, w.prompt, w.extra_keys if per_request_keys else ())
@@ -220,11 +262,8 @@ def run_one(model, items: list[WorkItem], budget: int, mode: str, block_size: in
                 continue
             w, gen = running[rid]
             while not mgr.allocate_slots(rid, 1, [w.output[gen]]):
-                victim = order.pop()  # preempt the newest; it starts over later
-                vw, _ = running.pop(victim)
-                mgr.free(victim)
-                waiting.appendleft(vw)
-                preemptions += 1
+                victim = order.pop()  # preempt the newest: swapped out, or started over later
+                preempt(victim)
                 if victim == rid:
                     break
             if rid not in running:
@@ -263,6 +302,10 @@ def run_one(model, items: list[WorkItem], budget: int, mode: str, block_size: in
         "peak_concurrent_requests": peak_running,
         "prefix_hit_rate": hit_tokens / prompt_tokens if prompt_tokens else 0.0,
         "preemptions": preemptions,
+        "recomputed_tokens": recomputed,
+        "swap_outs": swap_outs,
+        "swap_ins": swap_ins,
+        "swapped_out_bytes": bytes_out,
         "steps": step,
         "large_page_bytes_per_group": [g["large_page_bytes"] for g in usage["groups"]],
         "padding_bytes_per_group": [g["padding_bytes"] for g in usage["groups"]],
@@ -278,7 +321,7 @@ def run_one(model, items: list[WorkItem], budget: int, mode: str, block_size: in
 
 def run(model, workload_path: str | Path, budget: int | None = None, block_size: int = 16,
         progress: bool = True, state_checkpoint_tokens: int | None = None,
-        max_cached_fraction: float | None = None) -> dict:
+        max_cached_fraction: float | None = None, allocators: tuple[str, ...] = ALLOCATORS) -> dict:
     """`budget` None: default_budget() for this model and workload."""
     name, items = load_workload(workload_path)
     budget_source = "given"
@@ -294,7 +337,7 @@ def run(model, workload_path: str | Path, budget: int | None = None, block_size:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for mode in ("ellm", "max-page", "static"):
+        for mode in allocators:
             try:
                 results.append(run_one(model, items, budget, mode, block_size, progress, state_checkpoint_tokens,
                                        max_cached_fraction))
@@ -319,12 +362,14 @@ def print_report(r: dict) -> None:
           f"budget {r['budget_bytes'] / 2**30:.1f} GiB ({r.get('budget_source', 'given')}), "
           f"block {r['block_size']} tokens")
     print(f"  {'allocator':>9} {'util avg':>9} {'util@peak':>9} {'peak reqs':>9} {'hit rate':>8} "
-          f"{'preempt':>7} {'steps':>6} {'copied':>9} {'maps':>8} {'unmaps':>8} {'wall s':>7}")
+          f"{'preempt':>7} {'recomputed':>10} {'swapped':>9} {'steps':>6} {'copied':>9} {'maps':>8} "
+          f"{'unmaps':>8} {'wall s':>7}")
     for x in r["results"]:
         if "error" in x:
             print(f"  {x['allocator']:>9} cannot serve this workload: {x['error']}")
             continue
         print(f"  {x['allocator']:>9} {x['utilisation_time_avg']:9.3f} {x['utilisation_at_peak']:9.3f} "
               f"{x['peak_concurrent_requests']:9d} {x['prefix_hit_rate']:8.3f} {x['preemptions']:7d} "
+              f"{x['recomputed_tokens']:10d} {human(x['swapped_out_bytes']):>9} "
               f"{x['steps']:6d} {human(x['state_bytes_copied']):>9} {x['maps']:8d} {x['unmaps']:8d} "
               f"{x['wall_s']:7.1f}")

@@ -380,11 +380,12 @@ class KVCacheManager:
         requests, and chunks it shares with their blocks, stay resident.
         Its block ids do not change. All or nothing: OutOfMemoryError when
         the host tier cannot take it all, and the request stays resident.
-        ValueError if it is swapped out already."""
+        ValueError if it is swapped out already (one still swapping in is
+        first made resident)."""
         st = self._state(request_id)
-        if st.swap is not None:
-            raise ValueError(f"request {request_id!r} is swapped {'out' if st.swap == SWAP_OUT else 'in'} "
-                             "already; swap_out() takes a resident request")
+        if st.swap == SWAP_OUT:
+            raise ValueError(f"request {request_id!r} is swapped out already; swap_out() takes a resident request")
+        self._require_resident(st, "swap out", stream)  # a swap-in under way lands first
         self.sync()
         plan = []
         for m in self.managers:
