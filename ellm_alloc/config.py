@@ -2,7 +2,8 @@
 
 A budget is bytes (int), a string with a unit ("40GiB", "512 MB"), or a
 fraction of the device's free memory at enable() (a float in (0, 1], or a
-string such as "0.8" or "80%").
+string such as "0.8" or "80%"). The host tier's budget (cpu_budget) is bytes
+only, 0 (off) by default.
 """
 from __future__ import annotations
 
@@ -41,6 +42,18 @@ def parse_size(value: int | str, what: str = "size") -> int:
     if n < 1:
         raise ValueError(f"{what} must be at least one byte, got {value!r}")
     return int(n)
+
+
+def parse_cpu_budget(value: int | str | None, what: str = "cpu_budget") -> int:
+    """Bytes of host memory for swapped-out KV pages (the host tier); None, 0
+    and "0" turn it off. `what` names the value in errors (the argument or
+    the environment variable it came from)."""
+    # A bool is refused before the off test below, where False == 0 would let it through.
+    if isinstance(value, bool):
+        raise TypeError(f"{what} must be bytes or a string like '16GiB', not a bool")
+    if value is None or value == 0 or (isinstance(value, str) and value.strip() == "0"):
+        return 0
+    return parse_size(value, what)
 
 
 @dataclass(frozen=True)
@@ -103,10 +116,11 @@ class Settings:
     va_size: int  # 0 = 4 x budget
     prealloc: int
     device: str = "cuda"  # whose allocator the pool serves: "cuda" or "cpu"
+    cpu_budget: int = 0  # host tier bytes; 0 = off
 
     @staticmethod
     def resolve(budget=None, chunk_size=None, va_size=None, prealloc=None, device=None,
-                cuda_available: bool = False) -> "Settings":
+                cuda_available: bool = False, cpu_budget=None) -> "Settings":
         env = os.environ
         if device is None and env.get("ELLM_ALLOC_DEVICE"):
             device = env["ELLM_ALLOC_DEVICE"]
@@ -118,10 +132,14 @@ class Settings:
             va_size = env["ELLM_ALLOC_VA_SIZE"]
         if prealloc is None and env.get("ELLM_ALLOC_PREALLOC"):
             prealloc = env["ELLM_ALLOC_PREALLOC"]
+        cpu_budget_from = "cpu_budget"
+        if cpu_budget is None and env.get("ELLM_ALLOC_CPU_BUDGET"):
+            cpu_budget, cpu_budget_from = env["ELLM_ALLOC_CPU_BUDGET"], "ELLM_ALLOC_CPU_BUDGET"
         return Settings(
             budget=parse_budget(budget),
             chunk_size=parse_size(chunk_size, "chunk_size") if chunk_size is not None else 0,
             va_size=parse_size(va_size, "va_size") if va_size is not None else 0,
             prealloc=parse_size(prealloc, "prealloc") if prealloc not in (None, 0, "0") else 0,
             device=parse_enable_device(device, cuda_available),
+            cpu_budget=parse_cpu_budget(cpu_budget, cpu_budget_from),
         )

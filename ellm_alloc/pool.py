@@ -337,7 +337,7 @@ class Pool:
     def summary(self) -> str:
         from .stats import format_summary
 
-        return format_summary(self.stats(), self.owners(), f"{self.backend}:{self.device}")
+        return format_summary(self.stats(), self.owners(), f"{self.backend}:{self.device}", self.host_tier())
 
     def __repr__(self) -> str:
         if not self._handle:

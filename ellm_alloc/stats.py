@@ -6,11 +6,13 @@ from collections import OrderedDict
 from .config import human
 
 
-def torch_style(raw: dict[str, int], owners: list[dict]) -> "OrderedDict[str, int]":
+def torch_style(raw: dict[str, int], owners: list[dict], host: dict | None = None) -> "OrderedDict[str, int]":
     """torch.cuda.memory_stats()-style keys from the arena's and pool's counters.
 
     allocated: live blocks (rounded to 512 B); active: live plus blocks cached
     for reuse on their stream; reserved: chunks mapped by the torch arena.
+    host: the pool's host tier (Pool.host_tier()), as ellm.host.* keys; None
+    leaves them out.
     """
     out: OrderedDict[str, int] = OrderedDict()
     for key, cur, peak in (
@@ -43,10 +45,40 @@ def torch_style(raw: dict[str, int], owners: list[dict]) -> "OrderedDict[str, in
     if arena is not None:
         out["ellm.balloon.kv_to_arena_chunks"] = arena["received"]
         out["ellm.balloon.arena_to_kv_chunks"] = arena["given"]
+    if host is not None:
+        out.update(_host_keys(host))
     return out
 
 
-def format_summary(raw: dict[str, int], owners: list[dict], where: str) -> str:
+def host_chunks_by_owner(host: dict) -> dict[str, int]:
+    """Host-tier chunks per owner name (each KV space), active owners only.
+    Spaces may share a name (ElasticCache's full layers: "hf.full"): summed."""
+    held: dict[str, int] = {}
+    for o in host["owners"]:
+        if o["active"]:
+            held[o["name"]] = held.get(o["name"], 0) + o["held_chunks"]
+    return held
+
+
+def _host_keys(host: dict) -> "OrderedDict[str, int]":
+    """The host tier's ledger (KV pages swapped out of the device): budget 0
+    is off; created = free + every owner's chunks; pinned_bytes: the host
+    slabs it allocated (pinned on a GPU), at least the created chunks and at
+    most the budget; held_bytes: KV swapped out (or being swapped) now."""
+    out: OrderedDict[str, int] = OrderedDict()
+    for k in ("budget_bytes", "chunk_bytes", "created_chunks", "free_chunks", "slabs", "pinned_bytes",
+              "failed_acquires"):
+        out[f"ellm.host.{k}"] = host[k]
+    held = host_chunks_by_owner(host)
+    out["ellm.host.held_bytes"] = sum(held.values()) * host["chunk_bytes"]
+    for name, chunks in held.items():
+        out[f"ellm.host.chunks.{name}"] = chunks
+    out["ellm.host.chunks.free"] = host["free_chunks"]
+    return out
+
+
+def format_summary(raw: dict[str, int], owners: list[dict], where: str, host: dict | None = None) -> str:
+    """memory_summary()'s text; `host` (Pool.host_tier()) adds the host tier's line."""
     chunk = raw["chunk_bytes"]
     lines = [
         f"ellm_alloc pool {where}: budget {human(raw['budget_bytes'])} in {human(chunk)} chunks",
@@ -60,4 +92,17 @@ def format_summary(raw: dict[str, int], owners: list[dict], where: str) -> str:
         f"maps {raw['chunk_maps']}, unmaps {raw['chunk_unmaps']}, moves {raw['chunk_moves']}, "
         f"cache flushes {raw['cache_flushes']}, OOMs {raw['ooms']}, invalid frees {raw['invalid_frees']}",
     ]
+    if host is not None:
+        lines.append(_host_line(host))
     return "\n".join(lines)
+
+
+def _host_line(host: dict) -> str:
+    # Shown even when off, so that a reader of the summary learns the tier exists.
+    if not host["budget_bytes"]:
+        return "  host tier: off (cpu_budget 0)"
+    held = host_chunks_by_owner(host)
+    return (f"  host tier: budget {human(host['budget_bytes'])}, pinned {human(host['pinned_bytes'])}; "
+            f"chunks: {host['created_chunks']} created, {host['free_chunks']} free; "
+            f"swapped out {human(sum(held.values()) * host['chunk_bytes'])}, by owner: "
+            + ", ".join(f"{name}={chunks}" for name, chunks in held.items()))

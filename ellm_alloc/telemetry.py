@@ -12,9 +12,11 @@ When samples are taken (the hooks are deliberately simple, no background thread)
   that takes one sample each time generate() asks for the next token (after
   the prefill, then after every decode step). It returns the scores untouched.
 * allocator events: while the `with` block runs, `PageSpace.map` / `unmap`
-  (a KV chunk mapped or unmapped, e.g. by ElasticCache as sequences grow) and
-  `Pool.malloc` / `free` calls made from Python on the recorded pool each take
-  a sample (`events=False` turns this off; `every=N` keeps one event in N).
+  (a KV chunk mapped or unmapped, e.g. by ElasticCache as sequences grow),
+  `PageSpace.swap_out` / `swap_in` / `finish_swaps` (KV pages moving to the
+  host tier and back; finish_swaps only when a swap ended) and `Pool.malloc`
+  / `free` calls made from Python on the recorded pool each take a sample
+  (`events=False` turns this off; `every=N` keeps one event in N).
   The wrappers are installed on entry and removed on exit. Allocations torch
   makes through the CUDA allocator go straight to C and are not seen as
   events; they show up in the next step or explicit sample.
@@ -22,10 +24,12 @@ When samples are taken (the hooks are deliberately simple, no background thread)
 
 A sample holds: time (s since the start), step (generate step, or None),
 label, bytes per owner (the torch arena, each KV space by its name), free
-chunk bytes, budget and created bytes, the arena's allocated bytes, and
-`device`: a pynvml view of the GPU (total / used / free and this process's
-usage) when a GPU and the driver's NVML are present, else None. Every pynvml
-call is guarded: any error turns the device view off for the recording.
+chunk bytes, budget and created bytes, the arena's allocated bytes, `host`:
+the host tier's bytes (swapped-out KV) the same way (`owners`, `free`,
+`created`, `budget`; budget 0 when the tier is off), and `device`: a pynvml
+view of the GPU (total / used / free and this process's usage) when a GPU
+and the driver's NVML are present, else None. Every pynvml call is guarded:
+any error turns the device view off for the recording.
 (The pynvml path has never run on a GPU in this repository.)
 
 The pool: the `pool=` argument; else the pool of `cache=` (an ElasticCache,
@@ -42,6 +46,7 @@ import time
 from typing import Any, Iterator
 
 from .config import human
+from .stats import host_chunks_by_owner
 
 __all__ = ["Recorder", "record", "render_frame", "nvml_view"]
 
@@ -111,6 +116,17 @@ def _ledger(pool) -> dict:
         "budget": st["budget_bytes"],
         "allocated": st["allocated_bytes"],
         "chunk": chunk,
+        "host": _host_ledger(pool.host_tier()),
+    }
+
+
+def _host_ledger(host: dict) -> dict:
+    chunk = host["chunk_bytes"]
+    return {
+        "owners": {name: n * chunk for name, n in host_chunks_by_owner(host).items()},
+        "free": host["free_chunks"] * chunk,
+        "created": host["created_chunks"] * chunk,
+        "budget": host["budget_bytes"],
     }
 
 
@@ -157,7 +173,8 @@ class Recorder:
         if pool is not None and getattr(pool, "_handle", None):
             s.update(_ledger(pool))
         else:
-            s.update(owners={}, free=0, created=0, budget=0, allocated=0, chunk=0)
+            s.update(owners={}, free=0, created=0, budget=0, allocated=0, chunk=0,
+                     host={"owners": {}, "free": 0, "created": 0, "budget": 0})
         s["device"] = self._nvml.view() if self._nvml is not None else None
         with self._lock:
             self.samples.append(s)
@@ -190,13 +207,19 @@ class Recorder:
         return _Sampler()
 
     # figures over the recording
-    def owner_names(self) -> list[str]:
+    def owner_names(self, host: bool = False) -> list[str]:
+        """Owners seen in the samples, in first-seen order: of the device pool,
+        or (host=True) those holding host-tier chunks."""
         names: list[str] = []
         for s in self.samples:
-            for n in s["owners"]:
+            for n in (s["host"]["owners"] if host else s["owners"]):
                 if n not in names:
                     names.append(n)
         return names
+
+    def host_tier_used(self) -> bool:
+        """Whether the host tier was on (a budget) in any sample."""
+        return any(s["host"]["budget"] for s in self.samples)
 
     def peak(self, owner: str | None = None) -> int:
         """Peak bytes of one owner, or of every owner together (None)."""
@@ -216,12 +239,13 @@ def record(pool=None, cache=None, *, nvml: bool = True, events: bool = True, eve
     rec.sample("start")
     patched: list[tuple[type, str, Any]] = []
     if events:
-        def wrap(cls, name, pool_of):
+        def wrap(cls, name, pool_of, changed=lambda out: True):
             orig = getattr(cls, name)
 
             def hooked(self, *a, **k):
                 out = orig(self, *a, **k)
-                rec._event(f"{cls.__name__}.{name}", pool_of(self))
+                if changed(out):
+                    rec._event(f"{cls.__name__}.{name}", pool_of(self))
                 return out
 
             hooked.__wrapped__ = orig
@@ -230,6 +254,10 @@ def record(pool=None, cache=None, *, nvml: bool = True, events: bool = True, eve
 
         wrap(PageSpace, "map", lambda sp: sp.pool)
         wrap(PageSpace, "unmap", lambda sp: sp.pool)
+        wrap(PageSpace, "swap_out", lambda sp: sp.pool)
+        wrap(PageSpace, "swap_in", lambda sp: sp.pool)
+        # Polled while copies run: a sample only when some swap ended (pages changed tier).
+        wrap(PageSpace, "finish_swaps", lambda sp: sp.pool, changed=lambda ended: ended > 0)
         wrap(Pool, "malloc", lambda p: p)
         wrap(Pool, "free", lambda p: p)
     try:
@@ -243,6 +271,14 @@ def record(pool=None, cache=None, *, nvml: bool = True, events: bool = True, eve
 # ---- a text frame (python -m ellm_alloc top) ------------------------------------------
 
 
+def _bars(rows: list[tuple[str, int]], budget: int, width: int) -> list[str]:
+    out = []
+    for name, b in rows:
+        n = round(width * b / budget)
+        out.append(f"  {name:<18} {'#' * n:<{width}} {human(b):>10} {100 * b / budget:5.1f}%")
+    return out
+
+
 def render_frame(pool, title: str = "", width: int = 40, device: dict | None = None) -> str:
     """One text frame of the pool's ledger by owner, with bars against the budget."""
     lines = [title] if title else []
@@ -254,9 +290,14 @@ def render_frame(pool, title: str = "", width: int = 40, device: dict | None = N
                      f"arena allocated {human(led['allocated'])}")
         rows = list(led["owners"].items()) + [("(free chunks)", led["free"]),
                                                ("(not created)", max(0, led["budget"] - led["created"]))]
-        for name, b in rows:
-            n = round(width * b / budget)
-            lines.append(f"  {name:<18} {'#' * n:<{width}} {human(b):>10} {100 * b / budget:5.1f}%")
+        lines += _bars(rows, budget, width)
+        host = led["host"]
+        if host["budget"]:
+            lines.append(f"host tier (swapped-out KV)  budget {human(host['budget'])}  "
+                         f"created {human(host['created'])}")
+            rows = list(host["owners"].items()) + [("(free chunks)", host["free"]),
+                                                   ("(not created)", max(0, host["budget"] - host["created"]))]
+            lines += _bars(rows, host["budget"], width)
     if device is not None:
         mine = device.get("process_used")
         lines.append(f"device: used {human(device['used'])} of {human(device['total'])}, free "

@@ -44,7 +44,7 @@ def enabled_device() -> str | None:
     return _state["settings"].device if enabled() else None
 
 
-def enable(device=None, budget=None, chunk_size=None, va_size=None, prealloc=None) -> Settings:
+def enable(device=None, budget=None, chunk_size=None, va_size=None, prealloc=None, cpu_budget=None) -> Settings:
     """Makes every torch allocation on `device` come from ellm_alloc's chunk pool.
 
     device: "cuda", "cpu", or None (default, or ELLM_ALLOC_DEVICE): CUDA when
@@ -54,6 +54,10 @@ def enable(device=None, budget=None, chunk_size=None, va_size=None, prealloc=Non
     chunk_size: physical chunk size (default: the driver's granularity, 2 MiB).
     va_size: VA reserved for the arena (default 4 x budget).
     prealloc: bytes of chunks created up front (default 0: created on demand, in batches).
+    cpu_budget: bytes or a string such as "16GiB" of host memory (pinned on a
+        GPU) that KV pages may be swapped out to, the pool's host tier
+        (Pool.set_cpu_budget); 0 or "0" turns it off (default 0, or
+        ELLM_ALLOC_CPU_BUDGET). memory_stats() shows it as ellm.host.* keys.
 
     CUDA: call it before the first CUDA tensor. CPU: tensors made before keep
     their own memory; every later CPU tensor comes from the pool. Calling it
@@ -62,7 +66,7 @@ def enable(device=None, budget=None, chunk_size=None, va_size=None, prealloc=Non
     """
     torch = _import_torch()
     settings = Settings.resolve(budget, chunk_size, va_size, prealloc, device,
-                                cuda_available=_cuda_usable(torch))
+                                cuda_available=_cuda_usable(torch), cpu_budget=cpu_budget)
     with _lock:
         if enabled():
             if _state["settings"] != settings:
@@ -134,7 +138,7 @@ def _enable_cpu(torch, settings: Settings) -> None:
     handle = N.lib.ellm_device_pool(0)
     if not handle:
         raise EnableError(f"cannot create the host pool: {N.last_error()}")
-    pool = _pool_view(0, handle)
+    pool = _pool_view(0, handle, settings)
     fn = shim.ellm_torch_install_cpu_allocator
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t] + [ctypes.c_void_p] * 4
@@ -232,11 +236,16 @@ def _device_index(device) -> int:
     return d.index if d.index is not None else torch.cuda.current_device()
 
 
-def _pool_view(index: int, handle: int) -> Pool:
-    """One Pool object per device, so that what KV spaces register on it lives as long as the process."""
+def _pool_view(index: int, handle: int, settings: Settings) -> Pool:
+    """One Pool object per device, so that what KV spaces register on it lives
+    as long as the process. The first view of a device's pool gives the pool
+    its host tier: the C configuration (ellm_configure) has no cpu budget."""
     pool = _state["pools"].get(index)
     if pool is None or pool._handle != handle:
-        pool = _state["pools"][index] = Pool._wrap(handle)
+        pool = Pool._wrap(handle)
+        if settings.cpu_budget:
+            pool.set_cpu_budget(settings.cpu_budget)
+        _state["pools"][index] = pool
     return pool
 
 
@@ -248,17 +257,18 @@ def device_pool(device=None) -> Pool:
     handle = N.lib.ellm_device_pool(index)
     if not handle:
         raise EnableError(N.last_error())
-    return _pool_view(index, handle)
+    return _pool_view(index, handle, _state["settings"])
 
 
 def memory_stats(device=None) -> dict:
     p = device_pool(device)
-    return dict(torch_style(p.stats(), p.owners()))
+    return dict(torch_style(p.stats(), p.owners(), p.host_tier()))
 
 
 def memory_summary(device=None) -> str:
     p = device_pool(device)
-    return format_summary(p.stats(), p.owners(), f"{'cpu' if p.backend == 'host' else 'cuda'}:{p.device}")
+    return format_summary(p.stats(), p.owners(), f"{'cpu' if p.backend == 'host' else 'cuda'}:{p.device}",
+                          p.host_tier())
 
 
 def empty_cache() -> None:
