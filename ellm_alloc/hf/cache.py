@@ -65,6 +65,26 @@ chunks in use). Or pass `pool=`. The device, dtype and head shapes are
 taken from the first update(). Tensors returned by update() are views of the
 cache's memory: do not read them after reset(), crop() or close().
 
+Offload to the host tier: `cache.offload(batch_indices)` moves those
+sequences' K/V (every attention layer: full, sliding, the DSA indexer keys)
+to the pool's host tier (Pool(..., cpu_budget=...)) asynchronously, at the
+page level (ellm_alloc.kv.space.PageSpace.swap_out): their device chunks go
+back to the pool once the copies are done (`offload_ready()`,
+`wait_swaps()`), while their virtual addresses stay reserved.
+`cache.restore()` maps fresh chunks at the same addresses and copies the
+bytes back, bit-exact, so the layers' `keys` / `values` tensors stay valid
+and generation continues as if nothing happened. Offloaded sequences cannot
+be read or written: a forward step, reorder_cache, batch_repeat_interleave
+or crop while any sequence is offloaded raises RuntimeError (restore first;
+see ElasticCache.offload for why this is an error, not an implicit
+restore). batch_select_indices may drop offloaded sequences (their host
+copies are freed), not keep them; reset() and close() free every host copy.
+Linear-attention / Mamba states are not offloaded: they stay resident (they
+share chunks across sequences, and are a few slots per sequence).
+transformers' own per-layer offloading (Cache(offloading=True), the layers'
+offload() / prefetch() hooks) is not used: the hooks are no-ops and
+`offloading` is always False.
+
 Supported transformers: 5.17 to 5.24 (pyproject's `hf` extra; 5.24 names the
 generate() argument `cache=`, `past_key_values=` still works there). 5.24's
 API is the reference; for the older ones: get_mask_sizes() also takes a
@@ -81,7 +101,9 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from ..errors import OutOfMemoryError
 from ..kv.hf_config import CacheLayerKind, cache_layer_kinds, text_config
+from ..kv.space import SWAPPED
 from ..pool import Pool
 from .linear import ElasticLinearLayer, _as_rows
 from .storage import PackedStates, StateRegion, TokenRanges
@@ -165,6 +187,13 @@ class _Backing:
         self.states: PackedStates | None = None  # every linear layer's states, made at the first
         self.device: torch.device | None = None
         self.closed = False
+        # Rows that cannot be read or written: OFFLOADED (in the host tier) or
+        # DROPPED (their bytes given up by a batch_select_indices that could
+        # not finish). Checked by every write path (one dict test when empty).
+        self.absent: dict[int, str] = {}
+        # Ranges with swap-ins under way (host chunks still held): each layer's
+        # update polls its own range until they are done.
+        self.pending: set[TokenRanges] = set()
 
     def pool_for(self, device: torch.device) -> Pool:
         if self.closed:
@@ -244,10 +273,43 @@ class _Backing:
                 "(beam search and num_return_sequences multiply the batch; size the cache for that)"
             )
 
+    def token_stores(self) -> list[TokenRanges]:
+        return [st for st in self.stores if isinstance(st, TokenRanges)]
+
+    def before_write(self, what: str, store: TokenRanges | None = None) -> None:
+        """Refuses `what` while sequences are absent; ends `store`'s finished swap-ins."""
+        if self.absent:
+            raise RuntimeError(self.absent_message(what))
+        if store is not None and store in self.pending:
+            self.poll_swaps([store])
+
+    def absent_message(self, what: str) -> str:
+        offloaded = sorted(r for r, k in self.absent.items() if k == OFFLOADED)
+        dropped = sorted(r for r, k in self.absent.items() if k == DROPPED)
+        parts = []
+        if offloaded:
+            parts.append(f"sequences {offloaded} are offloaded to the host tier (call cache.restore() first)")
+        if dropped:
+            parts.append(f"sequences {dropped} were dropped by a batch_select_indices that ran out of memory "
+                         "(call batch_select_indices again without them, or reset())")
+        return f"ElasticCache: cannot {what}: " + "; ".join(parts)
+
+    def poll_swaps(self, stores=None) -> None:
+        """Ends the swaps of `stores` (default: those pending) whose copies are
+        done; a range stays pending while some are not."""
+        for st in list(self.pending if stores is None else stores):
+            st.space.finish_swaps()
+            if st.space.stats()["swapping_pages"] == 0:
+                self.pending.discard(st)
+            else:
+                self.pending.add(st)
+
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
+        self.absent = {}
+        self.pending = set()
         for st in self.stores:
             st.close()
         self.stores = []
@@ -255,6 +317,9 @@ class _Backing:
         if self.own_pool and self.pool is not None:
             self.pool.close()
         self.pool = None
+
+
+OFFLOADED, DROPPED = "offloaded", "dropped"
 
 
 class ElasticLayer(CacheLayerMixin):
@@ -338,6 +403,9 @@ class ElasticLayer(CacheLayerMixin):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
                ) -> tuple[torch.Tensor, torch.Tensor]:
+        backing = self._backing
+        if backing.absent or backing.pending:
+            backing.before_write("run a forward step", self._store)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self._check_states(key_states, value_states)
@@ -420,6 +488,7 @@ class ElasticLayer(CacheLayerMixin):
             target = min(tokens, self.length)
         if target >= self.length:
             return
+        self._backing.before_write("crop")
         if self.is_sliding and target > 0:
             need = max(target - self.window + 1, 0)
             if need < max(self.length - self.window, 0):
@@ -445,6 +514,7 @@ class ElasticLayer(CacheLayerMixin):
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if not self.is_initialized or self.length == 0:
             return
+        self._backing.before_write("reorder_cache")
         if beam_idx.numel() != self.batch:
             raise ValueError(f"reorder_cache: {beam_idx.numel()} indices for a batch of {self.batch}")
         self._move_rows(beam_idx.long())
@@ -454,6 +524,7 @@ class ElasticLayer(CacheLayerMixin):
         unmapped by ElasticCache.batch_select_indices (or at the next update)."""
         if not self.is_initialized or self.length == 0:
             return
+        self._backing.before_write("batch_select_indices")  # ElasticCache's drops absent rows first
         idx = _as_rows(indices, self.batch)
         self._move_rows(idx)
         self.batch = idx.numel()
@@ -461,6 +532,7 @@ class ElasticLayer(CacheLayerMixin):
     def batch_repeat_interleave(self, repeats: int) -> None:
         if not self.is_initialized or self.length == 0:
             return
+        self._backing.before_write("batch_repeat_interleave")
         new = self.batch * repeats
         if new > self._backing.max_batch:
             raise ValueError(f"batch_repeat_interleave: {self.batch} x {repeats} = {new} sequences exceed "
@@ -469,7 +541,11 @@ class ElasticLayer(CacheLayerMixin):
         self._move_rows(torch.arange(self.batch).repeat_interleave(repeats))
         self.batch = new
 
-    def offload(self):  # the memory is the pool's; moving it would drop the fixed addresses
+    # transformers' per-layer offloading hooks (Cache(offloading=True), which
+    # ElasticCache never sets): no-ops. The memory is the pool's, and moving
+    # tensors to the CPU would drop the fixed addresses; ElasticCache.offload
+    # moves whole sequences to the pool's host tier at the same addresses.
+    def offload(self):
         pass
 
     def prefetch(self):
@@ -496,6 +572,8 @@ class ElasticIndexedLayer(ElasticLayer):
         self.is_indexer_initialized = False
 
     def update_indexer(self, indexer_key_states: torch.Tensor) -> torch.Tensor:
+        if self._backing.absent or self._backing.pending:
+            self._backing.before_write("run a forward step", self._indexer)
         x = indexer_key_states
         if x.dim() < 3:
             raise ValueError(f"ElasticCache layer {self.index}: indexer keys must be [batch, tokens, ...], "
@@ -672,6 +750,8 @@ class ElasticCache(Cache):
                              f"{max_batch_size!r}, {max_cache_len!r}")
         if not isinstance(fixed_shapes, bool):
             raise TypeError(f"fixed_shapes must be True or False, got {fixed_shapes!r}")
+        if kwargs.get("offloading"):
+            raise ValueError(_NO_LAYER_OFFLOADING)
         text = text_config(config)
         kinds = cache_layer_kinds(text)
         _refuse_unheld(kinds, getattr(text, "model_type", "?"))
@@ -686,20 +766,282 @@ class ElasticCache(Cache):
     def _attention_layers(self) -> list[ElasticLayer]:
         return [layer for layer in self.layers if isinstance(layer, ElasticLayer)]
 
+    # transformers' Cache(offloading=True) moves each layer to the CPU after its
+    # update and back before the next (calling offload(layer_idx, ...), which
+    # here is the per-sequence offload below): never on for ElasticCache.
+    @property
+    def offloading(self) -> bool:
+        return False
+
+    @offloading.setter
+    def offloading(self, value: bool) -> None:
+        if value:
+            raise ValueError(_NO_LAYER_OFFLOADING)
+
+    # Mamba-style decode kernels update the conv / recurrent states in place
+    # through the tensors these return (causal_conv1d_update,
+    # selective_state_update), with no update_*_state call: while sequences
+    # are offloaded, handing them out is the first step of a forward step.
+    if hasattr(Cache, "get_conv_state"):
+        def get_conv_state(self, layer_idx: int, state_idx: int = 0) -> torch.Tensor | None:
+            if self._backing.absent:
+                self._backing.before_write("run a forward step")
+            return super().get_conv_state(layer_idx, state_idx)
+
+    if hasattr(Cache, "get_recurrent_state"):
+        def get_recurrent_state(self, layer_idx: int, state_idx: int = 0) -> torch.Tensor | None:
+            if self._backing.absent:
+                self._backing.before_write("run a forward step")
+            return super().get_recurrent_state(layer_idx, state_idx)
+
+    # ---- offload to the pool's host tier -------------------------------------------
+
+    def offload(self, batch_indices: Any = None, *, stream: Any = None) -> int:
+        """Moves sequences `batch_indices` (ints, or a 1-D integer tensor; None:
+        every sequence not offloaded yet) to the pool's host tier; returns the
+        bytes that move.
+
+        Asynchronous: the copies are queued after the work on `stream` (default:
+        the device's current stream; on the host backend, a worker thread
+        copies) and each page's device chunk goes back to the pool once its
+        copy is done. offload_ready() says whether that happened, wait_swaps()
+        waits for it; the pool also ends finished copies itself when it needs
+        chunks. The tensors' addresses stay reserved, so after restore() every
+        view of the cache (the layers' keys / values) is valid again.
+
+        Every attention layer's K/V of those sequences moves (full and
+        sliding layers, a DSA layer's indexer keys). Linear-attention / Mamba
+        states stay resident: they are packed across sequences, one chunk
+        holding several sequences' slots, and are small next to K/V.
+
+        While any sequence is offloaded the cache refuses, with RuntimeError,
+        every step that reads or writes rows: a forward step (update),
+        reorder_cache, batch_repeat_interleave, crop. An error rather than an
+        implicit restore, because a transformers forward step writes every
+        row of the batch: an implicit restore would be a hidden, synchronous
+        swap-in inside the model's forward, which can run out of device memory
+        half-way through the layers with earlier layers already updated; an
+        explicit restore() fails before anything runs and leaves the cache as
+        it was. batch_select_indices may drop offloaded sequences, not keep
+        them. Until restore(), do not read the rows' K/V tensors yourself: the
+        pages are unmapped (a fault).
+
+        All or nothing: RuntimeError when the pool has no host tier
+        (cpu_budget 0), OutOfMemoryError when the tier has no room for them
+        all, AllocatorError when a copy cannot be queued; the sequences then
+        stay resident, as they were. ValueError for a fixed_shapes cache (its zero-filled pages
+        do not swap) or a sequence offloaded already; IndexError / TypeError /
+        ValueError for indices out of range, not ints, or listed twice."""
+        backing = self._backing
+        rows = self._rows(batch_indices, "offload", exclude_absent=True)
+        if backing.fixed_shapes:
+            raise ValueError("ElasticCache.offload: a fixed_shapes cache cannot offload (its unmapped pages "
+                             "read as zeros through the zero chunk, which does not swap; compiled attention "
+                             "reads every row)")
+        for r in rows:
+            if r in backing.absent:
+                raise ValueError(f"ElasticCache.offload: sequence {r} is {backing.absent[r]} already")
+        pool = self._require_host_tier("offload")
+        if not rows:
+            return 0
+        stores = backing.token_stores()
+        total = sum(len(st.row_pages([r for r in st.resident(rows)])) for st in stores)
+        host = pool.host_tier()
+        room = host["free_chunks"] + host["budget_bytes"] // host["chunk_bytes"] - host["created_chunks"]
+        if total > room:
+            raise OutOfMemoryError(f"ElasticCache.offload: the host tier has room for {room} chunks, sequences "
+                                   f"{rows} need {total} (raise the pool's cpu_budget)")
+        sid = self._stream_id(stream)
+        done: list[tuple[TokenRanges, list[int]]] = []
+        try:
+            for st in stores:
+                moved = st.swap_out(rows, sid)
+                if moved:
+                    done.append((st, moved))
+        except BaseException as e:
+            for st, moved in done:  # still swapping out: swapping in keeps their device chunks
+                try:
+                    st.swap_in(moved, sid)
+                    st.space.finish_swaps(wait=True)
+                except BaseException as undo:  # pragma: no cover - needs a second failure
+                    e.add_note(f"ElasticCache.offload could not bring back {st.space.name}'s rows: {undo}")
+            self._mark_swapped_rows(rows)
+            raise
+        for r in rows:
+            backing.absent[r] = OFFLOADED
+        return total * self._chunk_bytes()
+
+    def restore(self, batch_indices: Any = None, *, stream: Any = None) -> None:
+        """Brings offloaded sequences (None: all of them) back: fresh device
+        chunks are mapped at the same addresses and the bytes copied back,
+        bit-exact; work queued on `stream` (default: the device's current
+        stream) from now on sees them (on the host backend this call waits for
+        the copies). The host chunks go back to the tier once the copies are
+        done (at once on the host backend; on a GPU at the next update,
+        offload_ready() or wait_swaps()).
+
+        All or nothing: OutOfMemoryError when the pool cannot give the device
+        chunks; the sequences then stay offloaded (retry once memory is free).
+        ValueError for a sequence that is not offloaded."""
+        backing = self._backing
+        if batch_indices is None:
+            rows = sorted(r for r, k in backing.absent.items() if k == OFFLOADED)
+        else:
+            rows = self._rows(batch_indices, "restore")
+            for r in rows:
+                if backing.absent.get(r) != OFFLOADED:
+                    why = "was dropped (out of memory in batch_select_indices)" if r in backing.absent \
+                        else "is not offloaded"
+                    raise ValueError(f"ElasticCache.restore: sequence {r} {why}")
+        if not rows:
+            return
+        sid = self._stream_id(stream)
+        done: list[tuple[TokenRanges, list[int]]] = []
+        try:
+            for st in backing.token_stores():
+                back = st.swap_in(rows, sid)
+                if back:
+                    done.append((st, back))
+        except BaseException as e:
+            for st, back in done:  # out again, once their copies back have landed
+                try:
+                    st.space.finish_swaps(wait=True)
+                    st.swap_out(back, sid)
+                except BaseException as undo:  # pragma: no cover - needs a second failure
+                    e.add_note(f"ElasticCache.restore: {st.space.name} stays restored: {undo}")
+            raise
+        for r in rows:
+            del backing.absent[r]
+        backing.poll_swaps([st for st, _ in done])
+
+    def offload_ready(self, batch_indices: Any = None) -> bool:
+        """Whether the offload of `batch_indices` (None: every offloaded
+        sequence) is complete: every copy done and the device chunks back in
+        the pool. Never blocks. ValueError for a sequence not offloaded."""
+        backing = self._backing
+        if batch_indices is None:
+            rows = [r for r, k in backing.absent.items() if k == OFFLOADED]
+        else:
+            rows = self._rows(batch_indices, "offload_ready")
+            for r in rows:
+                if backing.absent.get(r) != OFFLOADED:
+                    raise ValueError(f"ElasticCache.offload_ready: sequence {r} is not offloaded")
+        for st in backing.token_stores():
+            pages = st.row_pages([r for r in rows if r in st.swapped])
+            if pages:
+                st.space.finish_swaps()
+                if any(st.space.state(p) != SWAPPED for p in pages):
+                    return False
+        return True
+
+    def wait_swaps(self) -> None:
+        """Waits for every swap of the cache under way: offloaded sequences'
+        device chunks are back in the pool, restored ones' host chunks back
+        in the host tier."""
+        for st in self._backing.token_stores():
+            st.space.finish_swaps(wait=True)
+        self._backing.pending.clear()
+
+    @property
+    def offloaded(self) -> list[int]:
+        """The sequences offloaded now (restore() brings them back)."""
+        return sorted(r for r, k in self._backing.absent.items() if k == OFFLOADED)
+
+    def offloaded_bytes(self) -> int:
+        """Bytes of the cache's K/V in the host tier (or on their way there)."""
+        return sum(st.host_bytes() for st in self._backing.token_stores())
+
+    def _rows(self, batch_indices: Any, what: str, exclude_absent: bool = False) -> list[int]:
+        """batch_indices as distinct row numbers of the current batch."""
+        batch = self.batch_size
+        if batch <= 0:
+            raise ValueError(f"ElasticCache.{what}: the cache holds no sequences")
+        if batch_indices is None:
+            return [r for r in range(batch) if not (exclude_absent and r in self._backing.absent)]
+        if isinstance(batch_indices, torch.Tensor):
+            if batch_indices.dtype == torch.bool or batch_indices.is_floating_point() \
+                    or batch_indices.is_complex() or batch_indices.dim() > 1:
+                raise TypeError(f"ElasticCache.{what}: batch_indices must be ints or a 1-D integer tensor, got a "
+                                f"{batch_indices.dim()}-D {batch_indices.dtype} tensor")
+            values = batch_indices.flatten().tolist()
+        elif isinstance(batch_indices, (list, tuple, range)):
+            values = list(batch_indices)
+        else:
+            values = [batch_indices]
+        rows: list[int] = []
+        for v in values:
+            if isinstance(v, bool) or not hasattr(v, "__index__") or isinstance(v, torch.Tensor) and (
+                    v.dim() or v.dtype == torch.bool or v.is_floating_point()):
+                raise TypeError(f"ElasticCache.{what}: batch_indices must be ints or a 1-D integer tensor, "
+                                f"got {v!r} in {batch_indices!r}")
+            try:
+                r = v.__index__()
+            except TypeError:  # a float or bool tensor
+                raise TypeError(f"ElasticCache.{what}: batch_indices must be ints or a 1-D integer tensor, "
+                                f"got {v!r}") from None
+            if not 0 <= r < batch:
+                raise IndexError(f"ElasticCache.{what}: sequence {r} is out of range for a batch of {batch} "
+                                 f"(0 to {batch - 1})")
+            if r in rows:
+                raise ValueError(f"ElasticCache.{what}: sequence {r} is listed twice")
+            rows.append(r)
+        return rows
+
+    def _require_host_tier(self, what: str) -> Pool:
+        pool = self._backing.pool
+        if pool is None:
+            raise ValueError(f"ElasticCache.{what}: the cache holds no sequences")
+        if pool.host_tier()["budget_bytes"] == 0:
+            raise RuntimeError(f"ElasticCache.{what}: the pool has no host tier to offload to (cpu_budget is 0): "
+                               "create it with Pool(..., cpu_budget=...) or call pool.set_cpu_budget(...)")
+        return pool
+
+    def _stream_id(self, stream: Any) -> int:
+        if stream is None:
+            dev = self._backing.device
+            return torch.cuda.current_stream(dev).cuda_stream if dev is not None and dev.type == "cuda" else 0
+        if hasattr(stream, "cuda_stream"):
+            return stream.cuda_stream
+        if isinstance(stream, bool) or not isinstance(stream, int):
+            raise TypeError(f"ElasticCache: stream must be a torch stream or a stream handle (int), got {stream!r}")
+        return stream
+
+    def _chunk_bytes(self) -> int:
+        return self._backing.pool.stats()["chunk_bytes"]
+
+    def _mark_swapped_rows(self, rows: list[int]) -> None:
+        """After a failed offload: rows some store still holds swapped count as offloaded."""
+        for st in self._backing.token_stores():
+            for r in rows:
+                if r in st.swapped:
+                    self._backing.absent[r] = OFFLOADED
+
     # ---- whole-cache operations -----------------------------------------------------
 
     def _linear_layers(self) -> list[ElasticLinearLayer]:
         return [layer for layer in self.layers if isinstance(layer, ElasticLinearLayer)]
 
     def reset(self) -> None:
-        """Forgets every token and state and gives their chunks back to the pool."""
+        """Forgets every token and state and gives their chunks back to the
+        pool (and offloaded sequences' host chunks back to the host tier)."""
         self._backing.fit_states(0)
         for layer in self._linear_layers():
             layer.forget_slots()
+        self._backing.absent = {}  # the layers' fit(0) drops every swapped page
         for layer in self.layers:
             layer.reset()
+        for st in self._backing.token_stores():  # ranges no layer resets (none today)
+            if st.swapped or st.holes:
+                st.fit(0, 0, 0)
+        if self._backing.pending:
+            self._backing.poll_swaps()
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keeps sequences `indices`, in that order. Offloaded sequences may be
+        left out (their host copies are freed), not kept (RuntimeError:
+        restore() them first)."""
+        if self._backing.absent:
+            self._drop_absent(indices)
         super().batch_select_indices(indices)
         # Every layer has moved its rows to the front: now drop the others.
         for layer in self._attention_layers():
@@ -707,6 +1049,35 @@ class ElasticCache(Cache):
         kept = [layer.state_batch for layer in self._linear_layers() if layer.state_batch]
         if kept:
             self._backing.fit_states(kept[0])
+
+    def _drop_absent(self, indices: Any) -> None:
+        """batch_select_indices with absent rows: refuses to keep one; frees the
+        host copies of the others and maps fresh chunks under those the kept
+        rows move into, so the layers' row moves find every row mapped."""
+        backing = self._backing
+        batch = self.batch_size
+        keep = _as_rows(indices, batch).tolist()
+        kept = sorted(set(keep) & set(backing.absent))
+        if kept:
+            raise RuntimeError(f"ElasticCache.batch_select_indices keeps sequences {kept}: "
+                               + backing.absent_message("keep them").split(": ", 1)[1]
+                               + "; sequences left out of indices are dropped")
+        gone = sorted(backing.absent)
+        stores = backing.token_stores()
+        for st in stores:
+            st.drop(gone)
+        for r in gone:
+            backing.absent[r] = DROPPED
+        targets = [r for r in gone if r < len(keep)]  # rows the kept ones move into
+        try:
+            for st in stores:
+                st.fill(targets)
+        except OutOfMemoryError as e:
+            raise OutOfMemoryError(
+                f"ElasticCache.batch_select_indices: sequences {gone} were offloaded and are dropped now, but the "
+                f"pool has no chunks to move the kept sequences into rows {targets}; nothing else changed (call "
+                f"batch_select_indices again once memory is free, or reset()): {e}") from e
+        backing.absent = {}
 
     def crop(self, max_length: int) -> None:
         for layer in self.layers:
@@ -786,7 +1157,10 @@ class ElasticCache(Cache):
         return self._backing.pool
 
     def mapped_bytes(self, layer_idx: int | None = None) -> int:
-        """Bytes of pool chunks mapped under the cache (or under one layer)."""
+        """Bytes of pool chunks mapped under the cache (or under one layer).
+        Offloaded sequences' K/V counts from offload() on as gone (their
+        device chunks go back to the pool once the copies are done; see
+        offloaded_bytes())."""
         if layer_idx is None:
             return sum(st.mapped_bytes() for st in self._backing.stores)
         layer = self.layers[layer_idx]
@@ -816,6 +1190,12 @@ class ElasticCache(Cache):
     def __repr__(self) -> str:
         return (f"ElasticCache(max_batch_size={self.max_batch_size}, max_cache_len={self.max_cache_len}, "
                 f"mapped={self.mapped_bytes()} B, layers={self.layers})")
+
+
+_NO_LAYER_OFFLOADING = (
+    "ElasticCache does not do transformers' per-layer offloading (offloading=True: each layer moved to the "
+    "CPU and back at every step); use cache.offload(batch_indices) / cache.restore(), which move sequences "
+    "to the pool's host tier (cpu_budget) at the same addresses")
 
 
 def _layer_stores(layer: Any) -> list[TokenRanges | PackedStates]:

@@ -16,6 +16,12 @@ What differs from transformers' layer, and why:
   also unmaps every slot, so the chunks go back to the pool.
 - reorder_cache / batch_select_indices / batch_repeat_interleave move slots
   in place (transformers replaces the tensors, which would leave the pool).
+- ElasticCache.offload leaves these states resident (they share chunks
+  across sequences); while sequences are offloaded, the write paths here
+  (update_*_state, reorder, select, repeat, crop) raise as the attention
+  layers do, and so do ElasticCache.get_conv_state / get_recurrent_state
+  (Mamba decode kernels update states in place through them), so no state
+  advances without its K/V.
 - crop needs activate_past_recording(), as in transformers. While recording,
   transformers grows the conv state past the kernel; that growing tensor is
   an ordinary torch tensor until crop() folds the kept window back into the
@@ -112,12 +118,16 @@ class ElasticLinearLayer(LinearAttentionLayer):
 
     def update_conv_state(self, conv_states: torch.Tensor, state_idx: int = 0,
                           conv_kernel_size: int | None = None, **kwargs) -> torch.Tensor:
+        if self._backing.absent:
+            self._backing.before_write("run a forward step")
         if self.is_conv_states_initialized[state_idx]:
             self._ensure_batch(conv_states.shape[0])
         return LinearAttentionLayer.update_conv_state(self, conv_states, state_idx,
                                                       conv_kernel_size=conv_kernel_size, **kwargs)
 
     def update_recurrent_state(self, recurrent_states: torch.Tensor, state_idx: int = 0, **kwargs) -> torch.Tensor:
+        if self._backing.absent:
+            self._backing.before_write("run a forward step")
         if self.is_recurrent_states_initialized[state_idx]:
             self._ensure_batch(recurrent_states.shape[0])
         return LinearAttentionLayer.update_recurrent_state(self, recurrent_states, state_idx, **kwargs)
@@ -140,6 +150,8 @@ class ElasticLinearLayer(LinearAttentionLayer):
             (self.conv_states if kind == "conv" else self.recurrent_states)[i] = None
 
     def crop(self, tokens_to_remove: int) -> None:
+        if self._backing.absent:
+            self._backing.before_write("crop")
         LinearAttentionLayer.crop(self, tokens_to_remove)
         # Recording the past left conv states in ordinary tensors: fold back
         # the window the next step needs, when it has the slot's shape.
@@ -159,6 +171,7 @@ class ElasticLinearLayer(LinearAttentionLayer):
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if not self._regions or self.state_batch == 0:
             return
+        self._backing.before_write("reorder_cache")
         if beam_idx.numel() != self.state_batch:
             raise ValueError(f"reorder_cache: {beam_idx.numel()} indices for a batch of {self.state_batch}")
         self._move_state_rows(beam_idx.long())
@@ -168,6 +181,7 @@ class ElasticLinearLayer(LinearAttentionLayer):
         then unmaps the slots past the new batch."""
         if not self._regions or self.state_batch == 0:
             return
+        self._backing.before_write("batch_select_indices")  # ElasticCache's drops absent rows first
         idx = _as_rows(indices, self.state_batch)
         self._move_state_rows(idx)
         self._bind(idx.numel())
@@ -175,12 +189,13 @@ class ElasticLinearLayer(LinearAttentionLayer):
     def batch_repeat_interleave(self, repeats: int) -> None:
         if not self._regions or self.state_batch == 0:
             return
+        self._backing.before_write("batch_repeat_interleave")
         new = self.state_batch * repeats
         self._backing.fit_states(max(new, self._backing.states_batch()))
         self._move_state_rows(torch.arange(self.state_batch).repeat_interleave(repeats))
         self._bind(new)
 
-    def offload(self):  # the slots are the pool's; moving them would drop the fixed addresses
+    def offload(self):  # transformers' per-layer hook: a no-op (the slots are the pool's, at fixed addresses)
         pass
 
     def prefetch(self):

@@ -22,6 +22,18 @@ regions of all layers are packed together, so the memory held is about
 batch x the states' bytes rounded up to whole chunks, not a chunk per layer
 and state. A decode step updates the slots in place: no copy beyond the
 one transformers' own layer makes, and no map or unmap.
+
+Offload (ElasticCache.offload / restore). TokenRanges swaps whole sequences
+to the pool's host tier: `swap_out(rows)` queues the copy of every mapped
+page of those rows (every plane) in one all-or-nothing PageSpace.swap_out,
+`swap_in(rows)` maps fresh chunks at the same addresses and copies back.
+A swapped row keeps its token range (fit() refuses to change it while the
+row stays below the batch, and unmapping one of its pages drops its host
+copy). `drop(rows)` gives swapped rows' host copies up; they become holes
+(rows below the batch with nothing mapped) until fit() or fill() maps fresh
+chunks under them. PackedStates does not swap: its slots are packed across
+sequences, so one chunk holds several sequences' states; they stay resident
+(they are a few slots per sequence, against K/V that grows with every token).
 """
 from __future__ import annotations
 
@@ -70,6 +82,8 @@ class TokenRanges:
         self.batch = 0
         self.start = self.end = 0
         self.rel = [(0, 0)] * len(self.shapes)  # mapped pages of every sequence's region, per plane
+        self.swapped: set[int] = set()  # rows whose pages are in the host tier (swapping out or swapped)
+        self.holes: set[int] = set()  # rows below the batch with nothing mapped (dropped while swapped)
         self._views: list[torch.Tensor] | None = None
 
     def views(self) -> tuple[torch.Tensor, ...]:
@@ -91,18 +105,29 @@ class TokenRanges:
 
     def fit(self, batch: int, start: int, end: int) -> None:
         """Sequences [0, batch) hold tokens [start, end); nothing else stays
-        mapped. All or nothing: on OutOfMemoryError nothing changed."""
+        mapped. All or nothing: on OutOfMemoryError nothing changed.
+
+        Swapped rows at or above `batch` are dropped (their host copies
+        freed); a swapped row below it keeps its pages, so its token range
+        cannot change (RuntimeError). Holes below `batch` get fresh chunks."""
         planes = range(len(self.shapes))
         rel = [self._pages(p, start, end) for p in planes]
-        if batch == self.batch and rel == self.rel:
+        if batch == self.batch and rel == self.rel and not self.holes:
             self.start, self.end = start, end
             return
+        if rel != self.rel and any(r < batch for r in self.swapped):
+            raise RuntimeError(f"{self.space.name}: sequences {sorted(r for r in self.swapped if r < batch)} are "
+                               "swapped out to the host tier; their token range cannot change until swapped in")
         empty = (0, 0)
+
+        def held(seq: int, p: int) -> tuple[int, int]:
+            return self.rel[p] if seq < self.batch and seq not in self.holes else empty
+
         mapped: list[int] = []
         try:
             for p in planes:
                 for seq in range(batch):
-                    old = self.rel[p] if seq < self.batch else empty
+                    old = held(seq, p)
                     base = self.first_page[p] + seq * self.region_pages[p]
                     for lo, hi in _minus(rel[p], old):
                         self.space.map(base + lo, hi - lo)
@@ -113,16 +138,90 @@ class TokenRanges:
             raise
         for p in planes:
             for seq in range(max(batch, self.batch)):
-                old = self.rel[p] if seq < self.batch else empty
+                old = held(seq, p)
                 new = rel[p] if seq < batch else empty
                 base = self.first_page[p] + seq * self.region_pages[p]
                 for lo, hi in _minus(old, new):
                     for page in range(base + lo, base + hi):
-                        self.space.unmap(page)
+                        self.space.unmap(page)  # a swapped page: its host copy goes
         self.batch, self.start, self.end, self.rel = batch, start, end, rel
+        self.swapped = {r for r in self.swapped if r < batch}
+        self.holes = set()
+
+    # ---- swap to the pool's host tier (ElasticCache.offload / restore) ----
+
+    def row_pages(self, rows) -> list[int]:
+        """The pages under the token range of each of `rows`, every plane."""
+        out: list[int] = []
+        for p, (lo, hi) in enumerate(self.rel):
+            for r in rows:
+                base = self.first_page[p] + r * self.region_pages[p]
+                out.extend(range(base + lo, base + hi))
+        return out
+
+    def resident(self, rows) -> list[int]:
+        """Those of `rows` that hold mapped pages here now."""
+        return [r for r in rows if r < self.batch and r not in self.swapped and r not in self.holes]
+
+    def swap_out(self, rows, stream: int = 0) -> list[int]:
+        """Queues the copy of the resident ones of `rows` to the host tier,
+        after `stream`'s work so far; returns them. All or nothing (the
+        PageSpace's swap_out)."""
+        mine = [r for r in self.resident(rows) if any(lo < hi for lo, hi in self.rel)]
+        if mine:
+            self.space.swap_out(self.row_pages(mine), stream)
+            self.swapped.update(mine)
+        return mine
+
+    def swap_in(self, rows, stream: int = 0) -> list[int]:
+        """Maps fresh chunks under the swapped ones of `rows` (same addresses)
+        and queues the copies back; work queued on `stream` from now sees
+        them. Returns them. All or nothing: OutOfMemoryError when the pool
+        cannot give the chunks."""
+        mine = [r for r in rows if r in self.swapped]
+        if mine:
+            pages = self.row_pages(mine)
+            self.space.swap_in(pages, stream)
+            self.swapped.difference_update(mine)
+            self.space.swap_wait(pages, stream)
+        return mine
+
+    def drop(self, rows) -> None:
+        """The swapped ones of `rows` give up their bytes (host chunks back
+        to the tier) and become holes."""
+        for r in rows:
+            if r in self.swapped:
+                for page in self.row_pages([r]):
+                    self.space.unmap(page)
+                self.swapped.discard(r)
+                self.holes.add(r)
+
+    def fill(self, rows) -> None:
+        """Maps fresh chunks under the holes among `rows` (their bytes are
+        whatever the chunks held). All or nothing."""
+        mine = sorted(r for r in rows if r in self.holes)
+        mapped: list[int] = []
+        try:
+            for p, (lo, hi) in enumerate(self.rel):
+                if lo < hi:
+                    for r in mine:
+                        base = self.first_page[p] + r * self.region_pages[p]
+                        self.space.map(base + lo, hi - lo)
+                        mapped.extend(range(base + lo, base + hi))
+        except BaseException:
+            for page in mapped:
+                self.space.unmap(page)
+            raise
+        self.holes.difference_update(mine)
+
+    def host_bytes(self) -> int:
+        """Bytes of this range's rows in the host tier."""
+        return len(self.swapped) * sum(hi - lo for lo, hi in self.rel) * self.chunk
 
     def mapped_bytes(self) -> int:
-        return self.batch * sum(hi - lo for lo, hi in self.rel) * self.chunk
+        """Device chunks held (swapped rows and holes hold none, or soon none)."""
+        rows = self.batch - len(self.swapped) - len(self.holes)
+        return rows * sum(hi - lo for lo, hi in self.rel) * self.chunk
 
     def needed_bytes(self) -> int:
         return self.batch * (self.end - self.start) * sum(self.token_bytes)
@@ -130,7 +229,8 @@ class TokenRanges:
     def close(self) -> None:
         self._views = None
         self.batch, self.start, self.end, self.rel = 0, 0, 0, [(0, 0)] * len(self.shapes)
-        self.space.close()
+        self.swapped, self.holes = set(), set()
+        self.space.close()  # drops swapped pages' host copies too
 
 
 class StateRegion:
@@ -171,7 +271,8 @@ class PackedStates:
     segment, not once per layer. A state larger than a segment gets a segment
     of its own. `fit(batch)` maps the pages under slots [0, batch) of every
     region and unmaps the rest; a page shared by two regions stays mapped
-    while either needs it.
+    while either needs it. Nothing here swaps to the host tier: a chunk holds
+    several sequences' slots, so ElasticCache.offload leaves states resident.
     """
 
     ALIGN = 256
