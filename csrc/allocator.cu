@@ -678,6 +678,12 @@ int ellm_host_release_stream(ellm_pool* pool, uintptr_t stream) {
   h->release_stream(stream);
   return kOk;
 }
+int ellm_host_drain_copies(ellm_pool* pool) {
+  HostBackend* h = host_of(pool);
+  if (!h) return fail(kInvalidArgument, "not a host pool");
+  h->drain_copies();
+  return kOk;
+}
 int ellm_host_inject_fault(ellm_pool* pool, int kind, int64_t nth) {
   HostBackend* h = host_of(pool);
   if (!h) return fail(kInvalidArgument, "not a host pool");

@@ -302,6 +302,20 @@ class HostBackend final : public Backend {
     c.completed = c.recorded;
     work_.notify_all();
   }
+  // Waits until each copy stream's queue is empty or stuck behind a held
+  // stream. Every batch of copies ends with an event mark, which wakes us.
+  void drain_copies() {
+    std::unique_lock<std::mutex> g(mu_);
+    done_.wait(g, [&] {
+      for (auto& [id, cs] : copy_streams_) {
+        if (cs->queue.empty()) continue;
+        const Task& t = cs->queue.front();
+        if (t.kind == Task::kWait && clocks_[t.stream].held && clocks_[t.stream].completed < t.seq) continue;
+        return false;
+      }
+      return true;
+    });
+  }
   // The nth next call of a kind fails (1 = the very next); 0 disarms.
   // Kinds: 0 chunk create, 1 map, 2 copy (either way), 3 host_alloc.
   int inject_fault(int kind, int64_t nth) {

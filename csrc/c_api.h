@@ -168,6 +168,9 @@ int64_t ellm_dlpack_live(void);  // descriptors not yet deleted (for leak tests)
 // ---- host backend test controls ----
 int ellm_host_hold_stream(ellm_pool* pool, uintptr_t stream);
 int ellm_host_release_stream(ellm_pool* pool, uintptr_t stream);
+// Waits until every copy stream has run what it can (all but work behind a
+// held stream), so that tests see swaps' copies done at chosen points.
+int ellm_host_drain_copies(ellm_pool* pool);
 // kind 0 = chunk create, 1 = map, 2 = copy to or from host, 3 = host-tier
 // allocation; the nth next such call fails; 0 disarms.
 int ellm_host_inject_fault(ellm_pool* pool, int kind, int64_t nth);

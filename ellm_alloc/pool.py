@@ -178,6 +178,12 @@ class Pool:
         nbytes = 0 if budget == 0 else _check_bytes(parse_size(budget, "cpu_budget"), "cpu_budget")
         raise_for_status(N.lib.ellm_pool_set_cpu_budget(self.handle, nbytes))
 
+    def cpu_budget(self) -> int:
+        """The host tier's budget in bytes (0: off); cheaper than host_tier()."""
+        s = N.HostTierStats()
+        N.lib.ellm_pool_host_stats(self.handle, ctypes.byref(s))
+        return s.budget_bytes
+
     def host_tier(self) -> dict:
         """The host tier's ledger: budget, chunks created and free, pinned
         slabs, and the chunks each owner (a KV space) holds there."""
@@ -297,6 +303,12 @@ class Pool:
 
     def release_stream(self, stream: int) -> None:
         raise_for_status(N.lib.ellm_host_release_stream(self.handle, stream))
+
+    def drain_copies(self) -> None:
+        """Waits until the copy streams' queued copies are done (those behind a
+        held stream apart), without ending any swap: tests use it to make
+        the moment a swap's copies finish deterministic."""
+        raise_for_status(N.lib.ellm_host_drain_copies(self.handle))
 
     FAULT_KINDS = ("create", "map", "copy", "host_alloc")
 

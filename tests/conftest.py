@@ -67,6 +67,7 @@ if FAKE_CUDA:
     Pool.__init__ = _init_on_fake
     Pool.hold_stream = lambda self, stream: _fake.hold_stream(stream)
     Pool.release_stream = lambda self, stream: _fake.release_stream(stream)
+    Pool.drain_copies = lambda self: None  # the fake driver's copies are done when queued
     Pool.inject_fault = _inject_fault
 
 KiB = 1 << 10

@@ -24,6 +24,12 @@ It runs on two models: one whose blocks divide the chunk, and one whose
 blocks straddle chunk boundaries (a chunk shared by two blocks, mapped while
 either is used, reclaimable only when neither is live).
 
+Demotion (a second-level prefix cache in the host tier): evicting cached
+blocks demotes them while the tier has room, and readmit (a later turn of a
+finished request) hits them, which promotes them; their bytes are then
+checked like any hit. Demoted blocks keep their hashes until the tier drops
+them for a swap or a newer demotion.
+
 Swap (the pool's host tier): swap_out, swap_in, polling swap_ready and
 waiting, with arena pressure in between (a squeeze reclaims the device
 chunks of finished swap-outs while others are still copying). Swapped-out
@@ -126,6 +132,7 @@ class KVMachine(RuleBasedStateMachine):
         self.reqs: dict[str, Req] = {}
         self.arena: dict[int, tuple[int, int]] = {}  # ptr -> (size, tag)
         self.counter = 0
+        self.finished: list[tuple[list[int], tuple]] = []  # (tokens, extra keys) of recent frees
 
     # ---- writing the model's data ------------------------------------------------
 
@@ -166,8 +173,26 @@ class KVMachine(RuleBasedStateMachine):
           extra=st.sampled_from([(), ("img", 1)]))
     def admit(self, base, keep, suffix, extra):
         prompt = BASES[base][:keep] + suffix
-        if not prompt:
-            prompt = [0]
+        self._admit(prompt or [0], extra)
+
+    @precondition(lambda self: self.finished)
+    @rule(data=st.data(), more=st.lists(st.integers(0, 9), max_size=6))
+    def readmit(self, data, more):
+        """A later turn: a finished request's tokens again, and more. Its
+        prefix may sit demoted in the host tier: the hit promotes it (every
+        demoted block hit comes back), and data_intact reads its bytes."""
+        tokens, extra = data.draw(st.sampled_from(self.finished))
+        demoted = {h for bp in self.mgr.pools for b, h in bp.block_hash.items() if b in bp.block_unit}
+        before = self.mgr.usage()["promotions"]
+        rid = self._admit(tokens + more, extra)
+        if rid is None:
+            return
+        st_ = self.mgr.requests[rid]
+        hit_demoted = [h for h in st_.hashes[:st_.hit_tokens // BS] if h in demoted]
+        if hit_demoted:
+            assert self.mgr.usage()["promotions"] > before, "a hit on a demoted block did not promote it"
+
+    def _admit(self, prompt: list[int], extra: tuple) -> str | None:
         rid = self._new_id()
         hit = self.mgr.add_request(rid, prompt, extra_keys=extra)
         assert 0 <= hit < len(prompt) and hit % BS == 0, (hit, len(prompt))
@@ -184,6 +209,8 @@ class KVMachine(RuleBasedStateMachine):
                 assert g1["live_blocks"] == g0["live_blocks"], (g0, g1)
             self.mgr.free(rid)
             del self.reqs[rid]
+            return None
+        return rid
 
     def _resident(self) -> list[str]:
         return sorted(r for r in self.reqs if not self.mgr.is_swapped_out(r))
@@ -215,6 +242,8 @@ class KVMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def free(self, data):
         rid = data.draw(st.sampled_from(sorted(self.reqs)))
+        st_ = self.mgr.requests[rid]
+        self.finished = (self.finished + [(list(st_.token_ids[:st_.num_tokens]), st_.extra_keys)])[-8:]
         self.mgr.free(rid)
         del self.reqs[rid]
 
@@ -253,11 +282,16 @@ class KVMachine(RuleBasedStateMachine):
     def swap_out(self, data, wait):
         rid = data.draw(st.sampled_from(self._resident()))
         before = self.pool.host_tier()
+        demoted = sum(bp.demoted_chunks() for bp in self.mgr.pools)
         try:
             moved = self.mgr.swap_out(rid)
         except OutOfMemoryError:
-            after = self.pool.host_tier()  # all or nothing: no host chunk taken
-            assert sum(o["held_chunks"] for o in after["owners"]) == sum(o["held_chunks"] for o in before["owners"])
+            # All or nothing: no host chunk taken for it. Demoted prefix blocks
+            # made way for it first, all of them, since it still did not fit.
+            after = self.pool.host_tier()
+            assert all(not bp.units for bp in self.mgr.pools)
+            assert sum(o["held_chunks"] for o in after["owners"]) == \
+                sum(o["held_chunks"] for o in before["owners"]) - demoted
             assert not self.mgr.is_swapped_out(rid)
             return
         assert moved % self.chunk == 0 and self.mgr.is_swapped_out(rid)
@@ -304,11 +338,19 @@ class KVMachine(RuleBasedStateMachine):
 
     @rule(n=st.integers(1, 40))
     def evict(self, n):
-        before = sum(g["cached_blocks"] for g in self.mgr.usage()["groups"])
+        """Cached blocks leave the device: demoted to the host tier while it
+        has room (their hashes stay: lookups still hit), else evicted."""
+        u0 = self.mgr.usage()
         done = self.mgr.evict(n)
-        after = sum(g["cached_blocks"] for g in self.mgr.usage()["groups"])
-        assert 0 <= done <= n
-        assert after <= before - done
+        u1 = self.mgr.usage()
+        cached = [sum(g["cached_blocks"] for g in u["groups"]) for u in (u0, u1)]
+        # A demoted unit moves whole: its blocks may overshoot n.
+        assert 0 <= done and (done <= n or u1["demotions"] > u0["demotions"])
+        assert cached[1] <= cached[0] - min(done, cached[0])
+        assert u1["demotions"] - u0["demotions"] <= done
+        for bp in self.mgr.pools:
+            for b in bp.block_unit:
+                assert bp.lookup(bp.block_hash[b]) == b, "a demoted block cannot be hit"
 
     @rule(size=st.sampled_from([1 * MiB, 2 * MiB, 6 * MiB, 10 * MiB, 16 * MiB, 28 * MiB]))
     def arena_malloc(self, size):
@@ -369,6 +411,9 @@ class KVMachine(RuleBasedStateMachine):
 
     @invariant()
     def data_intact(self):
+        # Copies still running would finish, or not, by the clock: drained,
+        # every run of the same steps sees the same swaps end.
+        self.pool.drain_copies()
         (states,) = self.mgr.layer_tensors(MAMBA_LAYER)
         for rid, r in self.reqs.items():
             if self.mgr.is_swapped_out(rid):  # unreadable: checked once it is back
@@ -413,6 +458,7 @@ class KVMachine(RuleBasedStateMachine):
 
     @invariant()
     def ledger(self):
+        self.pool.drain_copies()
         self.pool.validate()
         owners = self.pool.owners()
         stats = self.pool.stats()

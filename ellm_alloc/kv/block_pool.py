@@ -40,12 +40,26 @@ but are not resident:
 
 A swapped block whose holder lets go is simply free, and its chunk's host
 copy is dropped once no live block is left over it.
+
+Demotion (a second-level prefix cache on the host tier). A cached block that
+is evicted (trimming, the balloon, or room for a new block) goes to the host
+tier instead when it is worth keeping (a prompt or output block, not one out
+of its window) and the tier has room. It moves as a unit with every cached
+block that shares one of its chunks, and only when no live block does:
+
+    demoted   iff  in a unit: ref == 0, hash kept (lookups hit it), its
+                   chunks swapped; its slot stays taken (same address)
+    a hit on a demoted block promotes its unit: the chunks are swapped in,
+    the bytes waited for, and its blocks are cached (evictable) again
+
+Demoted units are dropped least recently demoted first when the tier needs
+room for a newer one, and when the group runs out of address space.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
 
-from ..errors import OutOfMemoryError
+from ..errors import AllocatorError, OutOfMemoryError
 from .layout import KVGroup, PageLayout
 from .space import PageSpace
 
@@ -104,6 +118,16 @@ class GroupBlockPool:
         self.blocked: dict[int, set[int]] = {}  # page -> free slots over a swapped chunk
         self.swap_hashes: dict[int, int] = {}  # swapped block -> the hash it gives up meanwhile
         self.evictions = 0
+        # Demoted units (see the module docstring): id -> (chunks, [(block, its
+        # eviction priority)]), least recently demoted first.
+        self.demote_enabled = False  # set by the manager (prefix caching on)
+        self.units: dict[int, tuple[list[int], list[tuple[int, int]]]] = {}
+        self.demoted_lru: OrderedDict[int, None] = OrderedDict()
+        self.block_unit: dict[int, int] = {}  # demoted block -> its unit
+        self.page_demoted = [0] * n  # demoted blocks per page
+        self._next_unit = 0
+        self.demotions = 0  # blocks
+        self.promotions = 0  # blocks
         self.max_pages: int | None = None  # a static partition's fixed size (benchmark baseline)
 
     def block_chunks(self, b: int) -> range:
@@ -203,7 +227,7 @@ class GroupBlockPool:
 
     def _close_if_unused(self, page: int) -> None:
         """A page with no used block leaves the open pages (its chunks are unmapped)."""
-        if page in self.page_free and not self.page_live[page] and not self.page_cached[page]:
+        if page in self.page_free and not (self.page_live[page] or self.page_cached[page] or self.page_demoted[page]):
             del self.page_free[page]
             self._no_free_slot(page)
             self.unmapped.append(page)
@@ -230,28 +254,43 @@ class GroupBlockPool:
                 self.sync()
 
     def _place(self, request_id: str) -> int:
-        try:
-            own = self.own_free.get(request_id)
-            if own:  # the page opened for it last
-                return self._take_slot(max(own, key=self.req_pages[request_id].__getitem__))
-            if self.leftovers:
-                return self._take_slot(min(self.leftovers))  # deterministic; low pages fill first
-            page = self._open_page(request_id)
-            if page is not None:
-                return self._take_slot(page)
-        except OutOfMemoryError:
-            self.sync()  # the failed acquire may have reclaimed other groups' chunks
-        # The pool is short: a free slot over mapped chunks costs nothing, nor
-        # does the slot of an evicted cached block.
+        while True:
+            try:
+                b = self._place_fresh(request_id)
+                if b is not None:
+                    return b
+            except OutOfMemoryError:
+                self.sync()  # the failed acquire may have reclaimed other groups' chunks
+                if self._demote_for_room():
+                    continue
+            b = self._place_short()
+            if b is not None:
+                return b
+            # Each pass demotes or drops something: 2 x cached + demoted falls.
+            if not self.drop_demoted(1):  # else the address space is held by demoted blocks
+                raise NoFreeBlocks(f"group {self.group.group_id} ({self.group.kind}): no free or evictable block")
+
+    def _place_fresh(self, request_id: str) -> int | None:
+        """A free slot, the request's own pages first, or a fresh page; None
+        when the group has no page left to open."""
+        own = self.own_free.get(request_id)
+        if own:  # the page opened for it last
+            return self._take_slot(max(own, key=self.req_pages[request_id].__getitem__))
+        if self.leftovers:
+            return self._take_slot(min(self.leftovers))  # deterministic; low pages fill first
+        page = self._open_page(request_id)
+        return self._take_slot(page) if page is not None else None
+
+    def _place_short(self) -> int | None:
+        """The pool is short: a free slot over mapped chunks costs nothing,
+        nor does the slot of an evicted cached block."""
         if self.chunks_per_page > 1:
             for page in sorted(self.leftovers):
                 for slot in self.page_free[page]:
                     if not self._chunks_to_map(page, slot):
                         return self._take_slot(page, slot)
         b = self._evict_one()
-        if b is None:
-            raise NoFreeBlocks(f"group {self.group.group_id} ({self.group.kind}): no free or evictable block")
-        return self._take_slot(b // self.ratio, slot=b % self.ratio)
+        return None if b is None else self._take_slot(b // self.ratio, slot=b % self.ratio)
 
     def _open_page(self, request_id: str) -> int | None:
         if not self.unmapped or (self.max_pages is not None and self.mapped_pages() >= self.max_pages):
@@ -296,18 +335,25 @@ class GroupBlockPool:
             self.chunk_live[k] += 1
         return b
 
+    def _least_valuable(self) -> tuple[int, int] | None:
+        """The cached block to go first, with its priority."""
+        for prio, lru in enumerate(self.evictable):
+            if lru:
+                return next(iter(lru)), prio  # least recently released
+        return None
+
     def _evict_one(self) -> int | None:
         """Drops the cached block that matters least; returns its id, a free
         slot whose chunks are still mapped: the caller takes it or calls
         _chunks_changed."""
-        for lru in self.evictable:
-            if lru:
-                b = next(iter(lru))  # least recently released
-                self._uncache(b)
-                self._slot_freed(b)
-                self.evictions += 1
-                return b
-        return None
+        found = self._least_valuable()
+        if found is None:
+            return None
+        b = found[0]
+        self._uncache(b)
+        self._slot_freed(b)
+        self.evictions += 1
+        return b
 
     # ---- compaction ----------------------------------------------------------------
 
@@ -392,23 +438,37 @@ class GroupBlockPool:
         return dst
 
     def evict(self, n: int) -> int:
-        """Evicts up to n cached blocks (their chunks go back to the pool)."""
+        """Takes up to n cached blocks off the device, least valuable first:
+        demoted to the host tier when worth keeping and it has room, else
+        evicted. Either way their chunks are back in the pool on return: the
+        balloon asks for memory it needs now."""
         self.sync()  # chunks another owner reclaimed since are gone already
-        done = 0
+        done = demoted = 0
         while done < n:
-            b = self._evict_one()
-            if b is None:
+            found = self._least_valuable()
+            if found is None:
                 break
+            moved = self._demote(found[0]) if self._worth_demoting(found[1]) else 0
+            if moved:
+                done += moved
+                demoted += moved
+                continue
+            b = self._evict_one()  # the same block, unless a failed demotion's sync() dropped it
             done += 1
             self._chunks_changed(b)
             self._close_if_unused(b // self.ratio)
+        if demoted:
+            self.space.finish_swaps(wait=True)  # the copies out end; their device chunks go back
         return done
 
     # ---- references ------------------------------------------------------------
 
     def touch(self, b: int) -> None:
-        """Another holder for block b (a prefix-cache hit or a fork). Raises
-        PageReclaimed when a chunk under it was reclaimed since the last sync()."""
+        """Another holder for block b (a prefix-cache hit or a fork); a
+        demoted b is promoted first. Raises PageReclaimed when a chunk under
+        it was reclaimed since the last sync(), or it could not be promoted."""
+        if b in self.block_unit:
+            self._promote(b)
         if self.ref[b] == 0:
             self._pin_chunks(b)
             prio = self.priority.pop(b)
@@ -510,7 +570,7 @@ class GroupBlockPool:
         return sorted(out)
 
     def _is_free(self, b: int) -> bool:
-        return self.ref[b] == 0 and b not in self.priority
+        return self.ref[b] == 0 and b not in self.priority and b not in self.block_unit
 
     def swap_out(self, chunks: list[int], blocks: list[int], stream: int = 0) -> None:
         """Moves `chunks` (from swappable_chunks(blocks)) to the host tier.
@@ -522,23 +582,28 @@ class GroupBlockPool:
         for k in chunks:
             self.chunk_mapped[k] = 0
             self.mapped_chunks -= 1
-            self.chunk_swapped[k] = 1
-            self.swapped_chunks += 1
-            page, offset = divmod(k, self.chunks_per_page)
-            self.page_swapped[page] += 1
-            free = self.page_free[page]
-            for slot in self.chunk_slots[offset]:
-                if slot in free:  # no block may be placed over a swapped chunk
-                    free.remove(slot)
-                    self.blocked.setdefault(page, set()).add(slot)
-            if not free:
-                self._no_free_slot(page)
+        self._mark_swapped(chunks)
         swapped = set(chunks)
         for b in blocks:
             h = self.block_hash.get(b)
             if h is not None and any(k in swapped for k in self.block_chunks(b)):
                 self._uncache(b)
                 self.swap_hashes[b] = h
+
+    def _mark_swapped(self, chunks: list[int]) -> None:
+        """`chunks` went to the host tier: no block may be placed over them."""
+        for k in chunks:
+            self.chunk_swapped[k] = 1
+            self.swapped_chunks += 1
+            page, offset = divmod(k, self.chunks_per_page)
+            self.page_swapped[page] += 1
+            free = self.page_free[page]
+            for slot in self.chunk_slots[offset]:
+                if slot in free:
+                    free.remove(slot)
+                    self.blocked.setdefault(page, set()).add(slot)
+            if not free:
+                self._no_free_slot(page)
 
     def swap_in(self, chunks: list[int], stream: int = 0) -> None:
         """Maps fresh chunks under swapped `chunks` at their addresses and
@@ -577,6 +642,146 @@ class GroupBlockPool:
                     self._has_free_slot(page)
         if blocked is not None and not blocked:
             del self.blocked[page]
+
+    # ---- second-level prefix cache: demotion to the host tier ----------------------------
+
+    def _worth_demoting(self, priority: int) -> bool:
+        # A block out of its window is never hit again; without a host tier there is nowhere to go.
+        return self.demote_enabled and priority >= EVICT_TAIL and self.space.pool.cpu_budget() > 0
+
+    def _demotion_unit(self, b: int) -> tuple[list[int], list[int]] | None:
+        """The chunks under cached block b and every cached block sharing one
+        of them, transitively: what must move together. None when a live
+        block or an unmapped chunk is among them (then b is evicted instead)."""
+        blocks, chunks = [b], []
+        seen_blocks, seen_chunks = {b}, set()
+        i = 0
+        while i < len(blocks):
+            for k in self.block_chunks(blocks[i]):
+                if k in seen_chunks:
+                    continue
+                if self.chunk_live[k] or not self.chunk_mapped[k]:
+                    return None
+                seen_chunks.add(k)
+                chunks.append(k)
+                page, offset = divmod(k, self.chunks_per_page)
+                for slot in self.chunk_slots[offset]:
+                    other = page * self.ratio + slot
+                    if other in self.priority and other not in seen_blocks:
+                        seen_blocks.add(other)
+                        blocks.append(other)
+            i += 1
+        return sorted(chunks), blocks
+
+    def _demote(self, b: int) -> int:
+        """Moves cached block b's unit to the host tier, dropping the least
+        recently demoted units for room; returns the blocks demoted, 0
+        (nothing changed) when it cannot: a live neighbour, no host room, a
+        failed copy, or a chunk the pool just reclaimed."""
+        unit = self._demotion_unit(b)
+        if unit is None:
+            return 0
+        chunks, blocks = unit
+        while True:
+            try:
+                self.space.swap_out(chunks)
+                break
+            except OutOfMemoryError:
+                if not self.drop_demoted(1):
+                    return 0  # the tier is full of other owners' chunks, or off
+            except (ValueError, RuntimeError, AllocatorError):
+                self.sync()  # a chunk reclaimed meanwhile, or a failed copy: evicting loses a cache entry only
+                return 0
+        uid = self._next_unit
+        self._next_unit += 1
+        self.units[uid] = (chunks, [(blk, self.priority[blk]) for blk in blocks])
+        self.demoted_lru[uid] = None
+        for blk in blocks:
+            prio = self.priority.pop(blk)
+            del self.evictable[prio][blk]
+            page = blk // self.ratio
+            self.page_cached[page] -= 1
+            self.page_demoted[page] += 1
+            self.block_unit[blk] = uid
+            for k in self.block_chunks(blk):
+                self.chunk_cached[k] -= 1
+        for k in chunks:
+            self.chunk_mapped[k] = 0
+            self.mapped_chunks -= 1
+        self._mark_swapped(chunks)
+        self.demotions += len(blocks)
+        return len(blocks)
+
+    def _demote_for_room(self) -> bool:
+        """Demotes the least valuable cached unit, if worth keeping, and waits
+        for its chunks to go back to the pool."""
+        found = self._least_valuable()
+        if found is None or not self._worth_demoting(found[1]) or not self._demote(found[0]):
+            return False
+        self.space.finish_swaps(wait=True)
+        return True
+
+    def _promote(self, b: int) -> None:
+        """Brings demoted block b's unit back: its blocks are cached again at
+        their addresses, their bytes landed (the hit reads them next). When
+        the pool has no chunks for it the unit is dropped instead and
+        PageReclaimed raised: the hit is lost, as if it had been evicted."""
+        uid = self.block_unit[b]
+        chunks, blocks = self.units[uid]
+        try:
+            self.space.swap_in(chunks)
+        except OutOfMemoryError:
+            self._drop_unit(uid)
+            raise PageReclaimed(chunks[0]) from None
+        self.space.swap_wait(chunks)
+        del self.units[uid], self.demoted_lru[uid]
+        for k in chunks:
+            self._unswapped(k)
+            self.chunk_mapped[k] = 1
+            self.mapped_chunks += 1
+        for blk, prio in blocks:
+            del self.block_unit[blk]
+            page = blk // self.ratio
+            self.page_demoted[page] -= 1
+            self.page_cached[page] += 1
+            self.priority[blk] = prio
+            self.evictable[prio][blk] = None
+            for k in self.block_chunks(blk):
+                self.chunk_cached[k] += 1
+        for k in chunks:
+            self._chunk_changed(k)  # reclaimable, as cached chunks are; their host chunks go back
+        self.promotions += len(blocks)
+
+    def drop_demoted(self, n_units: int = 1) -> int:
+        """Forgets the n least recently demoted units (their host copies go
+        back to the tier); returns the host chunks given back."""
+        freed = 0
+        for uid in list(self.demoted_lru)[:n_units]:
+            freed += len(self.units[uid][0])
+            self._drop_unit(uid)
+        return freed
+
+    def _drop_unit(self, uid: int) -> None:
+        chunks, blocks = self.units.pop(uid)
+        del self.demoted_lru[uid]
+        for k in chunks:
+            self.space.unmap(k)  # a swapped page: its host copy is dropped
+            self._unswapped(k)
+        for blk, _ in blocks:  # after every chunk: their slots are free, not blocked
+            del self.block_unit[blk]
+            h = self.block_hash.pop(blk)
+            if self.cached.get(h) == blk:
+                del self.cached[h]
+            self.page_demoted[blk // self.ratio] -= 1
+            self._slot_freed(blk)
+        for page in {blk // self.ratio for blk, _ in blocks}:
+            self._close_if_unused(page)
+
+    def demoted_blocks(self) -> int:
+        return len(self.block_unit)
+
+    def demoted_chunks(self) -> int:
+        return sum(len(chunks) for chunks, _ in self.units.values())
 
     # ---- figures -------------------------------------------------------------------
 
@@ -625,13 +830,16 @@ class GroupBlockPool:
             cached = sum(1 for b in blocks if self.ref[b] == 0 and b in self.priority)
             assert live == self.page_live[page], (page, live, self.page_live[page])
             assert cached == self.page_cached[page], (page, cached, self.page_cached[page])
+            demoted = sum(1 for b in blocks if b in self.block_unit)
+            assert demoted == self.page_demoted[page], (page, demoted, self.page_demoted[page])
             blocked = self.blocked.get(page, set())
-            assert live + cached + len(free) + len(blocked) == self.ratio, (page, live, cached, free, blocked)
+            assert live + cached + demoted + len(free) + len(blocked) == self.ratio, \
+                (page, live, cached, demoted, free, blocked)
             assert len(set(free)) == len(free) and not blocked & set(free)
             for slot in blocked:
                 assert any(self.chunk_swapped[k] for k in self.block_chunks(page * self.ratio + slot)), (page, slot)
             assert (page in self.leftovers) == bool(free)
-            assert live or cached, f"page {page} is open with nothing in it"
+            assert live or cached or demoted, f"page {page} is open with nothing in it"
             for b in blocks:
                 for k in self.block_chunks(b):
                     live_over[k] += self.ref[b] > 0
@@ -639,11 +847,21 @@ class GroupBlockPool:
         assert live_over == self.chunk_live and cached_over == self.chunk_cached, "chunk counts drifted"
         for rid, pages in self.req_pages.items():
             assert self.own_free[rid] == {p for p in pages if p in self.leftovers}, rid
+        demoted_chunks: set[int] = set()
+        for uid, (chunks, blocks) in self.units.items():
+            assert uid in self.demoted_lru and not demoted_chunks & set(chunks), uid
+            demoted_chunks.update(chunks)
+            for b, prio in blocks:
+                assert self.block_unit[b] == uid and self.ref[b] == 0 and b not in self.priority, b
+                assert self.cached[self.block_hash[b]] == b, f"demoted block {b} lost its hash"
+                assert set(self.block_chunks(b)) <= set(chunks), (b, chunks)
+        assert len(self.demoted_lru) == len(self.units)
+        assert sum(len(blocks) for _, blocks in self.units.values()) == len(self.block_unit)
         for k, mapped in enumerate(self.chunk_mapped):
             state = self.space.state(k)
-            if self.chunk_swapped[k]:  # 4 swapping out, 5 swapped
-                assert not mapped and self.chunk_live[k] and not self.chunk_cached[k] and state in (4, 5), \
-                    (k, mapped, state)
+            if self.chunk_swapped[k]:  # 4 swapping out, 5 swapped; a request's or a demoted unit's
+                assert not mapped and not self.chunk_cached[k] and state in (4, 5), (k, mapped, state)
+                assert bool(self.chunk_live[k]) != (k in demoted_chunks), (k, self.chunk_live[k])
             elif self.chunk_live[k]:
                 assert mapped and state in (1, 6), (k, mapped, state)  # 6: swapping in
             elif self.chunk_cached[k]:

@@ -85,6 +85,7 @@ class KVCacheManager:
         static_shares: dict[int, float] | None = None,
         compact: bool = True,
         state_checkpoint_tokens: int | None = None,
+        demote_to_host: bool = True,
     ):
         """compact: when freeing leaves large pages sparsely used, move live
         blocks together so their chunks return to the pool (block ids of
@@ -99,7 +100,13 @@ class KVCacheManager:
         is saved for the prefix cache every this many tokens, and at the
         first block boundary after the prompt; in between it is updated in
         place (see MambaManager). A positive multiple of block_size; by
-        default DEFAULT_STATE_CHECKPOINT_TOKENS rounded up to one."""
+        default DEFAULT_STATE_CHECKPOINT_TOKENS rounded up to one.
+
+        demote_to_host: with prefix caching on and a host tier in the pool
+        (its cpu_budget), cached blocks taken off the device are demoted to
+        the host tier instead of evicted, as long as it has room (a
+        second-level prefix cache); a hit on one promotes it back. Request
+        swaps come first: swap_out() drops demoted blocks for room."""
         chunk = pool.stats()["chunk_bytes"]
         self.pool = pool
         self.model = model
@@ -125,6 +132,7 @@ class KVCacheManager:
             bp = GroupBlockPool(space, self.layout, g)
             if static_shares is not None:
                 bp.max_pages = int(capacity * static_shares.get(g.group_id, 0.0)) // g.large_page_bytes
+            bp.demote_enabled = demote_to_host and enable_prefix_caching
             self.spaces.append(space)
             self.pools.append(bp)
             if g.kind == "mamba":
@@ -392,8 +400,11 @@ class KVCacheManager:
             mine = [b for b in m.req_blocks.get(request_id, []) if b is not None and m.pool.ref[b] == 1]
             plan.append((m.pool, m.pool.swappable_chunks(mine), mine))
         total = sum(len(chunks) for _, chunks, _ in plan)
-        host = self.pool.host_tier()
-        room = host["free_chunks"] + host["budget_bytes"] // host["chunk_bytes"] - host["created_chunks"]
+        room = self._host_room()
+        for bp in sorted(self.pools, key=lambda p: p.demoted_chunks(), reverse=True):
+            while room < total and bp.units:  # demoted prefix blocks make way for a request
+                bp.drop_demoted(1)
+                room = self._host_room()
         if total > room:
             raise OutOfMemoryError(f"swap_out({request_id!r}): the host tier has room for {room} chunks, "
                                    f"the request needs {total} (raise the pool's cpu_budget)")
@@ -411,6 +422,11 @@ class KVCacheManager:
         st.swap_chunks = [chunks for _, chunks, _ in plan]
         self.stats_swap_outs += 1
         return total * self.layout.chunk_bytes
+
+    def _host_room(self) -> int:
+        """Chunks the host tier can still take."""
+        host = self.pool.host_tier()
+        return host["free_chunks"] + host["budget_bytes"] // host["chunk_bytes"] - host["created_chunks"]
 
     def can_swap_in(self, request_id: str) -> bool:
         """Whether the pool can give the device chunks swap_in() needs now."""
@@ -550,6 +566,10 @@ class KVCacheManager:
                 "unmaps": space.stats()["unmaps"],
                 "state_bytes_copied": getattr(m, "bytes_copied", 0),
                 "swapped_chunks": bp.swapped_chunks,
+                "demoted_blocks": bp.demoted_blocks(),
+                "demoted_chunks": bp.demoted_chunks(),
+                "demotions": bp.demotions,
+                "promotions": bp.promotions,
             })
         mapped = self.mapped_bytes()
         return {
@@ -562,10 +582,14 @@ class KVCacheManager:
             "maps": sum(g["maps"] for g in groups),
             "unmaps": sum(g["unmaps"] for g in groups),
             "state_bytes_copied": sum(g["state_bytes_copied"] for g in groups),
-            "swapped_bytes": sum(g["swapped_chunks"] for g in groups) * self.layout.chunk_bytes,
+            # Requests' chunks in the host tier (demoted prefix blocks apart).
+            "swapped_bytes": sum(g["swapped_chunks"] - g["demoted_chunks"] for g in groups) * self.layout.chunk_bytes,
             "swapped_requests": sum(1 for st in self.requests.values() if st.swap == SWAP_OUT),
             "swap_outs": self.stats_swap_outs,
             "swap_ins": self.stats_swap_ins,
+            "demoted_bytes": sum(g["demoted_chunks"] for g in groups) * self.layout.chunk_bytes,
+            "demotions": sum(g["demotions"] for g in groups),
+            "promotions": sum(g["promotions"] for g in groups),
             "groups": groups,
         }
 
