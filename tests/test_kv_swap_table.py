@@ -34,11 +34,11 @@ blocks). What each table checks:
   (OutOfMemoryError), injected copy / map faults: clear errors, the request
   stays as it was (resident and readable, or swapped and retryable), both
   ledgers balance.
-* Bugs found (xfail strict, host backend only; see each test): after
-  swap_in() the request's chunks count as resident before their copies back
-  have landed, so another request can be placed over a free slot of such a
-  chunk, compaction can move its blocks, and a prefix hit can read them; and
-  usage()["live_bytes_needed"] undercounts blocks a swapped request shares.
+* Landing (host backend only; found as bugs, now fixed): until a swap-in's
+  copies back have landed, no other request is placed over a free slot of
+  its chunks, compaction leaves its blocks alone, and a prefix hit cannot
+  read them; usage()["live_bytes_needed"] counts blocks a swapped request
+  shares once, for the resident sharer.
 
 Also runs on the fake CUDA driver (ELLM_TEST_BACKEND=fakecuda); there
 copies run at once, so the cases needing a copy held back behind a stream
@@ -867,13 +867,12 @@ def test_a_failed_swap_leaves_the_request_as_it_was(model, host, direction, prep
         pool.close()
 
 
-# ---- bugs found (block_pool.py / manager.py): xfail until fixed ---------------------------
+# ---- landing: a swap-in's chunks before their copies back are done ------------------------
 #
-# GroupBlockPool.swap_in() treats the chunks as resident at once: it
-# unblocks their free slots, gives the blocks their prefix hashes back and
-# lets compaction take their pages, while the copies back are still queued
-# on the copy stream. Only the swapped-in request's own next step (or
-# wait_swap) is ordered after those copies. Below, the copy stream is held
+# These were bugs: GroupBlockPool.swap_in() treated the chunks as resident at
+# once (free slots unblocked, prefix hashes back, pages open to compaction)
+# while the copies back were still queued. Now they are "landing" until the
+# request's swap is done (swap_ready, wait_swap or its next step). Below, the copy stream is held
 # back behind another request's swap-out (its last kernel still running, a
 # held caller stream), so the copy back lands late, deterministically; on a
 # GPU the same happens whenever the copies are slower than the next kernels.
@@ -892,9 +891,7 @@ def _stall_copies(pool, mgr, book, victim_prompt):
 
 
 @host_only
-@pytest.mark.xfail(strict=True, reason="bug: a free slot over a chunk still swapping in is given to another "
-                                       "request; the copy back then overwrites that request's bytes")
-def test_bug_a_slot_over_a_chunk_swapping_in_is_handed_out():
+def test_no_slot_over_a_chunk_swapping_in_is_handed_out():
     pool, mgr, book = make("half")  # two blocks per chunk
     try:
         _stall_copies(pool, mgr, book, U[:3])  # A: one block, its chunk's other slot free
@@ -915,9 +912,7 @@ def test_bug_a_slot_over_a_chunk_swapping_in_is_handed_out():
 
 
 @host_only
-@pytest.mark.xfail(strict=True, reason="bug: compaction moves a block whose chunk is still swapping in, copying "
-                                       "bytes that have not landed: the request's KV is lost")
-def test_bug_compaction_moves_a_block_still_swapping_in():
+def test_compaction_leaves_a_block_swapping_in_alone():
     pool, mgr, book = make("half")
     try:
         _stall_copies(pool, mgr, book, U[:3])
@@ -937,9 +932,7 @@ def test_bug_compaction_moves_a_block_still_swapping_in():
 
 
 @host_only
-@pytest.mark.xfail(strict=True, reason="bug: swap_in() gives the blocks their prefix hashes back before the "
-                                       "copies land, and a request hitting them is not ordered after the copies")
-def test_bug_a_prefix_hit_reads_blocks_still_swapping_in():
+def test_no_prefix_hit_on_blocks_still_swapping_in():
     pool, mgr, book = make("full")
     try:
         _stall_copies(pool, mgr, book, T[:9])  # A: two full (hashed) blocks and a partial one
@@ -947,7 +940,7 @@ def test_bug_a_prefix_hit_reads_blocks_still_swapping_in():
         mgr.swap_out("X", stream=HELD)
         mgr.swap_in("A")
         run(mgr, book, "B", T[:9])  # B's prompt hits A's two full blocks (8 tokens)
-        book.check("B")  # fails: B reads them before their bytes are back
+        book.check("B")  # no hit on blocks still landing: B computed its own
         pool.release_stream(HELD)
         mgr.wait_swap("A")
         book.check("A")
@@ -956,9 +949,7 @@ def test_bug_a_prefix_hit_reads_blocks_still_swapping_in():
         release_and_close(pool)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: live_bytes_needed() skips a swapped-out request but still subtracts "
-                                       "the blocks it shares (extra_holders), undercounting the sharer's")
-def test_bug_live_bytes_needed_undercounts_blocks_a_swapped_request_shares():
+def test_live_bytes_needed_counts_blocks_a_swapped_request_shares_once():
     pool, mgr, book = make("full")
     try:
         r1, r2 = setup_prefix(mgr, book)  # r1: 18 tokens; r2: 26 tokens, 16 of them r1's blocks

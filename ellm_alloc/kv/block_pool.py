@@ -33,10 +33,14 @@ prefix hit, a fork) keeps its chunk resident, and so does a neighbour's block.
 While a chunk is swapped its blocks stay live (their holder still holds them)
 but are not resident:
 
-    swapped    iff  chunk_swapped (C++: swapping out or swapped)
-    a free slot over a swapped chunk is "blocked": no block is placed there
+    swapped    iff  chunk_swapped == SWAPPED (C++: swapping out or swapped)
+    landing    iff  chunk_swapped == LANDING: swapped in, mapped, its copy
+                    back maybe still running (until the manager's swap_done)
+    a free slot over a swapped or landing chunk is "blocked": no block is
+    placed there (the copy back would overwrite it)
     a swapped block has no prefix-cache hash (nobody may hit it); it gets it
-    back when swapped in
+    back once landed
+    a page with a swapped or landing chunk is left out of compaction
 
 A swapped block whose holder lets go is simply free, and its chunk's host
 copy is dropped once no live block is left over it.
@@ -62,6 +66,9 @@ from collections import OrderedDict
 from ..errors import AllocatorError, OutOfMemoryError
 from .layout import KVGroup, PageLayout
 from .space import PageSpace
+
+# chunk_swapped values.
+SWAPPED, LANDING = 1, 2
 
 # Eviction priority of a cached block: lower goes first.
 EVICT_OUT_OF_WINDOW = 0
@@ -112,9 +119,9 @@ class GroupBlockPool:
         self.chunk_cached = [0] * n_chunks  # evictable blocks over each chunk
         self.chunk_mapped = bytearray(n_chunks)  # what we mapped and the pool has not (visibly) taken
         self.mapped_chunks = 0
-        self.chunk_swapped = bytearray(n_chunks)  # in the host tier (not mapped)
-        self.swapped_chunks = 0
-        self.page_swapped = [0] * n  # swapped chunks per page
+        self.chunk_swapped = bytearray(n_chunks)  # 0, SWAPPED (in the host tier) or LANDING
+        self.swapped_chunks = 0  # SWAPPED ones
+        self.page_swapped = [0] * n  # swapped or landing chunks per page
         self.blocked: dict[int, set[int]] = {}  # page -> free slots over a swapped chunk
         self.swap_hashes: dict[int, int] = {}  # swapped block -> the hash it gives up meanwhile
         self.evictions = 0
@@ -161,6 +168,7 @@ class GroupBlockPool:
         if self.chunk_live[k]:
             return
         if self.chunk_swapped[k]:  # nobody wants its host copy any more
+            assert self.chunk_swapped[k] == SWAPPED, f"chunk {k}: let go of while landing"
             self.space.unmap(k, stream)
             self._unswapped(k)
             return
@@ -593,8 +601,11 @@ class GroupBlockPool:
     def _mark_swapped(self, chunks: list[int]) -> None:
         """`chunks` went to the host tier: no block may be placed over them."""
         for k in chunks:
-            self.chunk_swapped[k] = 1
+            was = self.chunk_swapped[k]
+            self.chunk_swapped[k] = SWAPPED
             self.swapped_chunks += 1
+            if was:  # landing (a swap-in backed out): counted, its slots blocked
+                continue
             page, offset = divmod(k, self.chunks_per_page)
             self.page_swapped[page] += 1
             free = self.page_free[page]
@@ -607,15 +618,24 @@ class GroupBlockPool:
 
     def swap_in(self, chunks: list[int], stream: int = 0) -> None:
         """Maps fresh chunks under swapped `chunks` at their addresses and
-        queues the copies back. All or nothing: OutOfMemoryError when the
-        pool cannot give them."""
+        queues the copies back; they are landing until landed(). All or
+        nothing: OutOfMemoryError when the pool cannot give them."""
         if not chunks:
             return
         self.space.swap_in(chunks, stream)
         for k in chunks:
-            self._unswapped(k)
+            self.chunk_swapped[k] = LANDING
+            self.swapped_chunks -= 1
             self.chunk_mapped[k] = 1
             self.mapped_chunks += 1
+
+    def landed(self, chunks: list[int]) -> None:
+        """The copies back under `chunks` are done, or ordered before any later
+        use: their free slots take blocks again, their blocks get their
+        prefix hashes back, their pages may be compacted."""
+        for k in chunks:
+            assert self.chunk_swapped[k] == LANDING, f"chunk {k} is not landing"
+            self._unswapped(k)
         for k in chunks:
             page = k // self.chunks_per_page
             for slot in self.chunk_slots[k % self.chunks_per_page]:
@@ -626,10 +646,11 @@ class GroupBlockPool:
                     self.cache(b, h)
 
     def _unswapped(self, k: int) -> None:
-        """Chunk k is no longer swapped: its blocked free slots whose chunks
-        are all resident (or unbacked) can take blocks again."""
+        """Chunk k is no longer swapped nor landing: its blocked free slots
+        whose chunks are all resident (or unbacked) can take blocks again."""
+        if self.chunk_swapped[k] == SWAPPED:
+            self.swapped_chunks -= 1
         self.chunk_swapped[k] = 0
-        self.swapped_chunks -= 1
         page, offset = divmod(k, self.chunks_per_page)
         self.page_swapped[page] -= 1
         blocked = self.blocked.get(page)
@@ -859,21 +880,23 @@ class GroupBlockPool:
         assert sum(len(blocks) for _, blocks in self.units.values()) == len(self.block_unit)
         for k, mapped in enumerate(self.chunk_mapped):
             state = self.space.state(k)
-            if self.chunk_swapped[k]:  # 4 swapping out, 5 swapped; a request's or a demoted unit's
+            if self.chunk_swapped[k] == SWAPPED:  # 4 swapping out, 5 swapped; a request's or a demoted unit's
                 assert not mapped and not self.chunk_cached[k] and state in (4, 5), (k, mapped, state)
                 assert bool(self.chunk_live[k]) != (k in demoted_chunks), (k, self.chunk_live[k])
             elif self.chunk_live[k]:
                 assert mapped and state in (1, 6), (k, mapped, state)  # 6: swapping in
+            elif self.chunk_swapped[k] == LANDING:
+                raise AssertionError(f"chunk {k} is landing with no live block over it")
             elif self.chunk_cached[k]:
                 # 0 is possible: reclaimed by the pool, not yet seen by sync().
                 assert mapped and state in (2, 0), (k, mapped, state)
             else:
                 assert not mapped and state == 0, f"chunk {k} is mapped with nothing over it"
         assert self.mapped_chunks == sum(self.chunk_mapped)
-        assert self.swapped_chunks == sum(self.chunk_swapped)
+        assert self.swapped_chunks == self.chunk_swapped.count(SWAPPED)
         for page in range(self.n_pages):
             base = page * self.chunks_per_page
-            assert self.page_swapped[page] == sum(self.chunk_swapped[base:base + self.chunks_per_page])
+            assert self.page_swapped[page] == sum(1 for v in self.chunk_swapped[base:base + self.chunks_per_page] if v)
         for b in self.swap_hashes:
             assert self.ref[b] and any(self.chunk_swapped[k] for k in self.block_chunks(b)), b
         for page in self.unmapped:

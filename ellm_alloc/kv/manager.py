@@ -504,6 +504,9 @@ class KVCacheManager:
             self._swap_done(st)
 
     def _swap_done(self, st: RequestState) -> None:
+        if st.swap == SWAP_IN:  # its copies back are done, or ordered before the caller's stream
+            for bp, chunks in zip(self.pools, st.swap_chunks):
+                bp.landed(chunks)
         st.swap = None
         st.swap_chunks = []
 
@@ -534,9 +537,24 @@ class KVCacheManager:
                 continue
             for g in self.layout.groups:
                 total += g.spec.live_bytes(st.num_tokens) * len(g.layers)
-        for g, bp in zip(self.layout.groups, self.pools):
-            total -= bp.extra_holders() * g.small_page_bytes
+        swapped = {rid for rid, st in self.requests.items() if st.swap == SWAP_OUT}
+        for g, bp, m in zip(self.layout.groups, self.pools, self.managers):
+            total -= self._extra_resident_holders(bp, m, swapped) * g.small_page_bytes
         return max(total, 0)
+
+    @staticmethod
+    def _extra_resident_holders(bp: GroupBlockPool, m: SingleTypeManager, swapped: set[str]) -> int:
+        """Holders beyond the first of each shared block, among the requests
+        counted above (a swapped-out one's tokens are not)."""
+        if not swapped:
+            return bp.extra_holders()
+        holders: dict[int, int] = {}
+        for rid, blocks in m.req_blocks.items():
+            if rid not in swapped:
+                for b in blocks:
+                    if b is not None and b in bp.shared:
+                        holders[b] = holders.get(b, 0) + 1
+        return sum(n - 1 for n in holders.values() if n > 1)
 
     def mapped_bytes(self) -> int:
         """Bytes held for the KV cache: mapped chunks, or the whole partition when static."""
