@@ -12,7 +12,7 @@ import threading
 import weakref
 
 from . import _native as N
-from .config import Budget, human, parse_budget, parse_size
+from .config import Budget, human, parse_budget, parse_cpu_budget, parse_size
 from .errors import AllocatorError, OutOfMemoryError
 
 
@@ -88,7 +88,7 @@ class Pool:
         self._reclaim_callbacks: dict[int, object] = {}  # keep ctypes callbacks alive
         self._dependents: weakref.WeakSet = weakref.WeakSet()  # KV spaces drawing on this pool
         self._lock = threading.Lock()
-        if cpu_budget:
+        if parse_cpu_budget(cpu_budget):
             try:
                 self.set_cpu_budget(cpu_budget)
             except BaseException:
@@ -175,7 +175,7 @@ class Pool:
     def set_cpu_budget(self, budget: int | str) -> None:
         """Host memory for swapped-out KV (the host tier); 0 turns it off.
         ValueError below what is swapped out now."""
-        nbytes = 0 if budget == 0 else _check_bytes(parse_size(budget, "cpu_budget"), "cpu_budget")
+        nbytes = _check_bytes(parse_cpu_budget(budget), "cpu_budget")
         raise_for_status(N.lib.ellm_pool_set_cpu_budget(self.handle, nbytes))
 
     def cpu_budget(self) -> int:

@@ -222,6 +222,26 @@ def test_bad_cpu_budget_argument(no_env, value, error, message):
         Settings.resolve(budget="1GiB", cpu_budget=value)
 
 
+@pytest.mark.parametrize("value, nbytes", [(0, 0), ("0", 0), (" 0 ", 0), ("4MiB", 4 << 20)])
+def test_pool_cpu_budget_reads_like_enables(value, nbytes):
+    """Pool(cpu_budget=) and set_cpu_budget() take what enable() takes."""
+    with Pool("cpu", budget="8MiB", cpu_budget=value) as pool:
+        assert pool.cpu_budget() == nbytes == pool.host_tier()["budget_bytes"]
+        pool.set_cpu_budget("2MiB")
+        pool.set_cpu_budget(value)
+        assert pool.cpu_budget() == nbytes
+
+
+@pytest.mark.parametrize("value, error, message", [
+    (False, TypeError, "not a bool"), ("abc", ValueError, "malformed cpu_budget 'abc'"), (-1, ValueError, "positive"),
+])
+def test_pool_bad_cpu_budget(value, error, message):
+    with pytest.raises(error, match=message):
+        Pool("cpu", budget="8MiB", cpu_budget=value)
+    with Pool("cpu", budget="8MiB") as pool, pytest.raises(error, match=message):
+        pool.set_cpu_budget(value)
+
+
 @settings(max_examples=50, deadline=None)
 @given(n=st.integers(1, 2**40), unit=st.sampled_from(["", "B", "KiB", "MiB", "GiB"]))
 def test_cpu_budget_sizes(n, unit):
