@@ -56,7 +56,7 @@ SAN_TESTS := tests/test_pool_owners.py tests/test_arena_stateful.py tests/test_b
 	tests/test_c_abi_bad_input.py tests/test_faults.py tests/test_threads.py tests/test_streams.py \
 	tests/test_fork.py tests/test_byte_tensor.py tests/test_kv_balloon.py tests/test_kv_straddling.py \
 	tests/test_kv_threads.py tests/test_kv_contiguous.py tests/test_kv_bad_input.py tests/test_zero_chunk.py \
-	tests/test_swap_space.py
+	tests/test_swap_space.py tests/test_kv_swap_table.py tests/test_kv_demotion.py
 
 $(SAN_DIR)/libellm_alloc_core.so: $(SAN_SRC)
 	@mkdir -p $(SAN_DIR)

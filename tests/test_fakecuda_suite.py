@@ -35,7 +35,10 @@ FILES = [
     "test_kv_bad_input.py",
     "test_kv_manager_stateful.py",
     "test_swap_space.py",
+    "test_kv_swap_table.py",
+    "test_kv_demotion.py",
     "test_hf_cache.py",
+    "test_hf_offload.py",
 ]
 
 
