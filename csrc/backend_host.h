@@ -188,7 +188,8 @@ class HostBackend final : public Backend {
       if (ftruncate(host_fd_, static_cast<off_t>(host_file_bytes_ + bytes)) != 0) return kOutOfMemory;
       host_file_bytes_ += bytes;
     }
-    void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, host_fd_, off);
+    // Populated at once, as pinned memory is resident from cuMemHostAlloc on.
+    void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, host_fd_, off);
     if (p == MAP_FAILED) {
       free_host_offsets_[bytes].push_back(off);
       return kOutOfMemory;

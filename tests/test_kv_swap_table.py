@@ -962,3 +962,52 @@ def test_live_bytes_needed_counts_blocks_a_swapped_request_shares_once():
         close_clean(pool, mgr)
     finally:
         pool.close()
+
+
+# ---- address space of swapped requests --------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["full", "half", "straddle"])
+def test_swapped_requests_keep_their_addresses_without_taking_the_running_ones(model):
+    """A swapped-out request keeps its block ids (its VA), so the manager's
+    address space covers both tiers' budgets: with nearly the whole device
+    budget swapped out, a new request can still take nearly all of it. A
+    space sized to the device budget alone would run out of blocks here
+    (found as a swap ping-pong in bench kv's ellm+swap column)."""
+    pool, mgr, book = make(model, device="64MiB", host="64MiB")
+    n = int(0.7 * 64 * MiB / mgr.model.bytes_per_token_all_layers()) // BS * BS  # most of the budget
+    a = list(range(5000, 5000 + n))
+    b = list(range(9000, 9000 + n))
+    run(mgr, book, "a", a)
+    mgr.swap_out("a")
+    mgr.wait_swap("a")
+    run(mgr, book, "b", b)  # asserts the whole prompt is placed
+    book.check("b")
+    assert not mgr.can_swap_in("a")  # its chunks are b's now
+    mgr.free("b")
+    assert mgr.can_swap_in("a")
+    mgr.swap_in("a")
+    mgr.wait_swap("a")
+    book.check("a")
+    check_ledgers(pool, mgr)
+    close_clean(pool, mgr)
+
+
+def test_can_swap_in_with_a_margin_counts_the_spare_chunks():
+    """can_swap_in(margin_chunks=m) is true only while the pool has the
+    request's chunks and m more (free, or under cached blocks only); a
+    negative margin is refused."""
+    pool, mgr, book = make("full")
+    run(mgr, book, "a", list(range(5000, 5000 + 8 * BS)))
+    mgr.swap_out("a")
+    mgr.wait_swap("a")
+    need = sum(len(c) for c in mgr.requests["a"].swap_chunks)
+    cached = sum(s.stats()["reclaimable_pages"] for s in mgr.spaces)  # chunks under cached blocks only
+    spare = pool.available_chunks(mgr.spaces[0].owner) + cached - need
+    assert need > 0 and spare > 0
+    assert mgr.can_swap_in("a", margin_chunks=spare)
+    assert not mgr.can_swap_in("a", margin_chunks=spare + 1)
+    with pytest.raises(ValueError, match="margin_chunks must be >= 0"):
+        mgr.can_swap_in("a", margin_chunks=-1)
+    mgr.free("a")
+    close_clean(pool, mgr)

@@ -13,7 +13,10 @@ on a fresh host pool with the same budget:
                request's KV is swapped to host memory and swapped back in
                before new requests are admitted, instead of being dropped
                and recomputed (a preemption recomputes only when the host
-               tier is full)
+               tier is full). A swapped request comes back, earliest
+               arrival first, once the pool has its chunks plus one chunk
+               per running request: without that margin it would be the
+               next step's victim again, and swaps would ping-pong
 
 Figures per allocator: KV utilisation (bytes the live tokens need / bytes
 held for KV) averaged over steps and at the step of peak need; the peak
@@ -34,6 +37,8 @@ request also carries its own image id, which is part of its block hashes.
 """
 from __future__ import annotations
 
+import bisect
+import heapq
 import json
 import random
 import sys
@@ -202,8 +207,8 @@ def run_one(model, items: list[WorkItem], budget: int, mode: str, block_size: in
     per_request_keys = any(s.kind == "cross" for s in model.layers)
     waiting = deque(items)
     running: dict[str, list] = {}  # rid -> [item, generated]
-    swapped: deque[tuple[str, list]] = deque()  # preempted to the host tier, oldest first
-    order: list[str] = []  # admission order, for preemption
+    swapped: list[tuple[int, str, list]] = []  # preempted to the host tier: (arrival index, rid, entry), a heap
+    order: list[str] = []  # by arrival: the last one is preempted first
     step = 0
     util_sum = util_steps = 0.0
     peak_held = peak_need = peak_util = 0.0
@@ -224,22 +229,23 @@ def run_one(model, items: list[WorkItem], budget: int, mode: str, block_size: in
             else:
                 mgr.wait_swap(victim)  # nothing to overlap here: its chunks go back now
                 swap_outs += 1
-                swapped.append((victim, [vw, vgen]))
+                heapq.heappush(swapped, (vw.index, victim, [vw, vgen]))
                 return
         recomputed += mgr.requests[victim].num_tokens  # dropped KV, computed again on readmission
         mgr.free(victim)
         waiting.appendleft(vw)
 
     while waiting or running or swapped:
-        # Swapped-out requests come back first, oldest first, while they fit.
-        while swapped and mgr.can_swap_in(swapped[0][0]):
-            rid, entry = swapped.popleft()
+        # Swapped-out requests come back first, earliest arrival first, while
+        # they fit with a margin of a chunk per running request (see the top).
+        while swapped and mgr.can_swap_in(swapped[0][1], margin_chunks=len(running) + 1):
+            _, rid, entry = heapq.heappop(swapped)
             mgr.swap_in(rid)
             swap_ins += 1
             running[rid] = entry
-            order.append(rid)
+            bisect.insort(order, rid, key=lambda r: running[r][0].index)
         if swapped and not running:
-            raise RuntimeError(f"{swapped[0][0]} cannot be swapped back in with nothing else running")
+            raise RuntimeError(f"{swapped[0][1]} cannot be swapped back in with nothing else running")
         # Admit arrived requests in order while they fit (head-of-line blocking, as FIFO schedulers do).
         while waiting and waiting[0].arrival <= step and not swapped:
             w = waiting[0]
@@ -255,7 +261,7 @@ def run_one(model, items: list[WorkItem], budget: int, mode: str, block_size: in
             hit_tokens += hit
             prompt_tokens += len(w.prompt)
             running[rid] = [w, 0]
-            order.append(rid)
+            bisect.insort(order, rid, key=lambda r: running[r][0].index)
         # One decode step: every running request produces one token.
         for rid in list(running):
             if rid not in running:

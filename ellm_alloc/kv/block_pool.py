@@ -263,10 +263,12 @@ class GroupBlockPool:
 
     def _place(self, request_id: str) -> int:
         while True:
+            no_page = False
             try:
                 b = self._place_fresh(request_id)
                 if b is not None:
                     return b
+                no_page = True
             except OutOfMemoryError:
                 self.sync()  # the failed acquire may have reclaimed other groups' chunks
                 if self._demote_for_room():
@@ -274,8 +276,9 @@ class GroupBlockPool:
             b = self._place_short()
             if b is not None:
                 return b
-            # Each pass demotes or drops something: 2 x cached + demoted falls.
-            if not self.drop_demoted(1):  # else the address space is held by demoted blocks
+            # Out of address space, not memory: demoted blocks hold slots (each
+            # pass demotes or drops something, so 2 x cached + demoted falls).
+            if not (no_page and self.drop_demoted(1)):
                 raise NoFreeBlocks(f"group {self.group.group_id} ({self.group.kind}): no free or evictable block")
 
     def _place_fresh(self, request_id: str) -> int | None:

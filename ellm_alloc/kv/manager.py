@@ -121,7 +121,9 @@ class KVCacheManager:
         self.state_checkpoint_tokens = state_checkpoint_tokens
         self.enable_prefix_caching = enable_prefix_caching
         self.max_cached_fraction = max_cached_fraction
-        capacity = capacity_bytes or pool.stats()["budget_bytes"]
+        # Swapped-out requests and demoted blocks keep their addresses: the
+        # address space covers both tiers' budgets (VA only, nothing mapped).
+        capacity = capacity_bytes or pool.stats()["budget_bytes"] + pool.cpu_budget()
         self.spaces: list[PageSpace] = []
         self.pools: list[GroupBlockPool] = []
         self.managers: list[SingleTypeManager] = []
@@ -428,13 +430,20 @@ class KVCacheManager:
         host = self.pool.host_tier()
         return host["free_chunks"] + host["budget_bytes"] // host["chunk_bytes"] - host["created_chunks"]
 
-    def can_swap_in(self, request_id: str) -> bool:
-        """Whether the pool can give the device chunks swap_in() needs now."""
+    def can_swap_in(self, request_id: str, margin_chunks: int = 0) -> bool:
+        """Whether the pool can give the device chunks swap_in() needs now,
+        counting chunks under cached blocks only (swap_in evicts them), with
+        `margin_chunks` more to spare (room for the running requests to
+        grow, so that the request is not the next one preempted)."""
+        if margin_chunks < 0:
+            raise ValueError(f"margin_chunks must be >= 0, got {margin_chunks}")
         st = self._state(request_id)
         if st.swap != SWAP_OUT:
             return False
         need = sum(len(c) for c in st.swap_chunks)
-        return need <= self.pool.available_chunks(self.spaces[0].owner)
+        room = self.pool.available_chunks(self.spaces[0].owner)
+        room += sum(s.stats()["reclaimable_pages"] for s in self.spaces)
+        return need + margin_chunks <= room
 
     def swap_in(self, request_id: str, stream: int = 0) -> None:
         """Brings a swapped-out request's KV back at the same addresses: fresh
@@ -449,7 +458,15 @@ class KVCacheManager:
         done = []
         try:
             for bp, chunks in zip(self.pools, st.swap_chunks):
-                bp.swap_in(chunks, stream)
+                while True:
+                    try:
+                        bp.swap_in(chunks, stream)
+                        break
+                    except OutOfMemoryError:
+                        # The pool reclaims other owners' cached chunks itself;
+                        # the group's own are evicted (or demoted) here.
+                        if not bp.evict(len(chunks)):
+                            raise
                 done.append((bp, chunks))
         except BaseException:
             for bp, chunks in done:  # back out, once their copies back have landed
