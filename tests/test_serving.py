@@ -1,0 +1,225 @@
+"""ellm_alloc.serving: transformers' continuous batching (generate_batch) on an
+elastic paged cache, against the stock engine, on tiny random-weight models
+built from configs (no downloads) and host pools."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from transformers import (  # noqa: E402
+    AutoModelForCausalLM,
+    ContinuousBatchingConfig,
+    Gemma3TextConfig,
+    GenerationConfig,
+    LlamaConfig,
+    Llama4TextConfig,
+)
+
+from ellm_alloc import Pool  # noqa: E402
+from ellm_alloc.serving import ElasticServing, RequestTooLargeError, _patches, elastic  # noqa: E402
+from ellm_alloc.serving.paged_cache import ElasticPagedAttentionCache  # noqa: E402
+
+MiB = 1 << 20
+# Wide enough per token (8 KiB a layer pair) that a 2-chunk budget (4 MiB) holds a few hundred tokens:
+# eight requests of up to 84 tokens then compete for it.
+TINY = dict(vocab_size=128, hidden_size=256, num_hidden_layers=2, num_attention_heads=8,
+            num_key_value_heads=8, intermediate_size=256, head_dim=64)
+CONFIGS = {
+    "llama": lambda: LlamaConfig(**TINY),
+    # Sliding and full layers; a window of 8 with 4-token blocks drops blocks
+    # every few tokens.
+    "gemma3": lambda: Gemma3TextConfig(**{**TINY, "num_hidden_layers": 4}, sliding_window=8,
+                                       layer_types=["sliding_attention", "full_attention"] * 2),
+}
+GEN = GenerationConfig(max_new_tokens=24, do_sample=False, eos_token_id=-1, pad_token_id=0)
+PROMPT_LENS = (5, 21, 40, 3, 33, 60, 17, 50)
+
+
+def cb_config() -> ContinuousBatchingConfig:
+    # 32 batch tokens: the longer prompts are prefilled in several steps.
+    return ContinuousBatchingConfig(num_blocks=256, max_batch_tokens=32, page_size=16)
+
+
+def prompts(lens=PROMPT_LENS, seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, 128, (n,), generator=g).tolist() for n in lens]
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def model_and_reference(request):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(CONFIGS[request.param]()).eval()
+    stock = model.generate_batch(prompts(), generation_config=GEN, continuous_batching_config=cb_config())
+    assert all(r.error is None for r in stock.values())
+    return model, {rid: r.generated_tokens for rid, r in stock.items()}
+
+
+def held(pool: Pool) -> dict[str, int]:
+    return {o["name"]: o["held_chunks"] for o in pool.owners() if o["name"] != "arena"}
+
+
+def assert_balanced(pool: Pool) -> None:
+    pool.validate()
+    assert all(n == 0 for n in held(pool).values()), held(pool)
+
+
+def generate(model, inputs=None, **kw):
+    return model.generate_batch(prompts() if inputs is None else inputs, generation_config=GEN,
+                                continuous_batching_config=cb_config(), **kw)
+
+
+@pytest.mark.parametrize("tight, block_size", [(False, None), (True, 4)])
+def test_greedy_tokens_match_stock_engine(model_and_reference, tight, block_size, monkeypatch):
+    """Same requests, same greedy tokens. With 8 chunks everything fits; with
+    one chunk per layer group, requests wait, are preempted and recomputed,
+    and sliding layers keep few blocks, yet every token is the stock
+    engine's."""
+    model, reference = model_and_reference
+    budget_chunks = len(set(getattr(model.config, "layer_types", None) or ["full"])) if tight else 8
+    seen = {"refused": 0, "lookbacks": 0}
+    can_store = ElasticPagedAttentionCache.can_store_request_tokens
+
+    def spy(self, state, request_len, dry_run=False):
+        stored = can_store(self, state, request_len, dry_run)
+        seen["refused"] += not stored
+        seen["lookbacks"] += len(self._lookbacks)
+        return stored
+
+    monkeypatch.setattr(ElasticPagedAttentionCache, "can_store_request_tokens", spy)
+    pool = Pool("cpu", budget=f"{2 * budget_chunks}MiB")
+    try:
+        with elastic(model, pool=pool, block_size=block_size) as serving:
+            out = generate(model)
+            assert {rid: r.error for rid, r in out.items() if r.error} == {}
+            assert {rid: r.generated_tokens for rid, r in out.items()} == reference
+            usage = serving.usage()
+            assert usage["maps"] > 0 and usage["unmaps"] == usage["maps"]  # grew, then gave everything back
+            peaks = {o["name"]: o["peak_chunks"] for o in pool.owners() if o["name"] != "arena"}
+            assert peaks and sum(peaks.values()) <= budget_chunks
+            if tight:
+                assert sum(peaks.values()) == budget_chunks  # the budget, not a preset size, was the limit
+                assert seen["refused"] > 0  # so requests waited or were preempted
+            if "sliding_attention" in serving.cache.cache_allocators:
+                assert seen["lookbacks"] > 0  # split prefills read through a lookback hold
+            assert_balanced(pool)  # finished requests hold nothing
+        assert_balanced(pool)
+        assert not _patches.is_patched()
+        assert "generate_batch" not in model.__dict__
+    finally:
+        pool.close()
+
+
+def test_stock_engine_untouched_after_close(model_and_reference):
+    model, reference = model_and_reference
+    with elastic(model, budget="16MiB"):
+        pass
+    out = generate(model)
+    assert {rid: r.generated_tokens for rid, r in out.items()} == reference
+
+
+def test_continuous_batching_manager_api(model_and_reference):
+    model, reference = model_and_reference
+    pool = Pool("cpu", budget="16MiB")
+    try:
+        with elastic(model, pool=pool) as serving:
+            with model.continuous_batching_context_manager(generation_config=GEN,
+                                                           continuous_batching_config=cb_config()) as manager:
+                rid = manager.add_request(prompts()[2], request_id="r2", max_new_tokens=24)
+                result = manager.get_result(request_id=rid, timeout=60)
+            assert result is not None and result.error is None
+            assert result.generated_tokens == reference["req_2"]
+            assert serving.kv is not None and serving.usage()["requests"] == 0
+            assert_balanced(pool)
+        assert_balanced(pool)
+    finally:
+        pool.close()
+
+
+def test_request_too_large_is_refused_and_nothing_leaks(model_and_reference):
+    model, reference = model_and_reference
+    pool = Pool("cpu", budget="4MiB")
+    try:
+        with elastic(model, pool=pool) as serving:
+            too_long = prompts((5, 3000))  # 3000 tokens of KV cannot fit in 2 chunks
+            with pytest.raises(RequestTooLargeError, match=r"inputs\[1\].*even alone.*budget is 4194304"):
+                generate(model, too_long)
+            assert_balanced(pool)
+            # Inside the generation thread (the manager API, no up-front check) the
+            # cache refuses it on first sight, and the run ends with that error.
+            out = type(model).generate_batch(model, too_long, generation_config=GEN,
+                                             continuous_batching_config=cb_config())
+            errors = [r.error for r in out.values() if r.error]
+            assert errors and any("even alone" in e for e in errors)
+            assert_balanced(pool)
+            # The model still serves requests that fit.
+            out = generate(model)
+            assert {rid: r.generated_tokens for rid, r in out.items()} == reference
+            assert serving.usage()["requests"] == 0
+        assert_balanced(pool)
+    finally:
+        pool.close()
+
+
+class _FakeModel:
+    """Enough of a model for elastic()'s argument checks."""
+
+    def __init__(self, config):
+        self.config = config
+        self.dtype = torch.float32
+        self.device = torch.device("cpu")
+
+    def generate_batch(self, *args, **kwargs):
+        raise AssertionError("not called")
+
+
+def test_bad_arguments_raise_clear_errors():
+    model = _FakeModel(CONFIGS["llama"]())
+    pool = Pool("cpu", budget="4MiB")
+    try:
+        with pytest.raises(ValueError, match="pool= or budget=, not both"):
+            elastic(model, pool=pool, budget="4MiB")
+        with pytest.raises(ValueError, match="needs budget="):
+            elastic(model)
+        with pytest.raises(TypeError, match="ellm_alloc Pool"):
+            elastic(model, pool="4MiB")
+        for bad in (2, 0, "16", 16.0, True):
+            with pytest.raises(ValueError, match="block_size"):
+                elastic(model, pool=pool, block_size=bad)
+        with pytest.raises(TypeError, match="transformers model"):
+            elastic(object(), pool=pool)
+        chunked = Llama4TextConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, intermediate_size=128, intermediate_size_mlp=128,
+                                   head_dim=16, attention_chunk_size=8)
+        with pytest.raises(ValueError, match="chunked_attention"):
+            elastic(_FakeModel(chunked), pool=pool)
+        with elastic(model, pool=pool):
+            with pytest.raises(ValueError, match="already elastic"):
+                elastic(model, pool=pool)
+            assert _patches.is_patched()
+        assert not _patches.is_patched() and "generate_batch" not in model.__dict__
+        assert_balanced(pool)
+    finally:
+        pool.close()
+
+
+def test_close_is_idempotent_and_closes_its_own_pool():
+    model = _FakeModel(CONFIGS["llama"]())
+    serving = elastic(model, budget="4MiB")
+    assert isinstance(serving, ElasticServing) and serving.own_pool and serving.kv is None
+    serving.close()
+    serving.close()
+    assert "closed" in repr(serving.pool)
+
+
+@pytest.mark.parametrize("version", ["5.16.2", "5.25.0", "6.0.0"])
+def test_unknown_transformers_version_is_refused(monkeypatch, version):
+    # transformers swaps its module object in sys.modules once models are
+    # loaded: patch the one an import finds now.
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", version)
+    with pytest.raises(RuntimeError, match=f"transformers {version} is installed"):
+        _patches.check_transformers()
+    with pytest.raises(RuntimeError, match=version):
+        elastic(_FakeModel(CONFIGS["llama"]()), budget="4MiB")
