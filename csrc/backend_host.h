@@ -169,10 +169,10 @@ class HostBackend final : public Backend {
   }
 
   int copy_to_host(void* dst, uintptr_t src, size_t bytes, StreamId stream) override {
-    return copy(dst, reinterpret_cast<const void*>(src), bytes, stream);
+    return copy(dst, reinterpret_cast<const void*>(src), bytes, stream, /*into_new_mapping=*/false);
   }
   int copy_from_host(uintptr_t dst, const void* src, size_t bytes, StreamId stream) override {
-    return copy(reinterpret_cast<void*>(dst), src, bytes, stream);
+    return copy(reinterpret_cast<void*>(dst), src, bytes, stream, /*into_new_mapping=*/true);
   }
 
   int host_alloc(size_t bytes, void** out) override {
@@ -188,8 +188,9 @@ class HostBackend final : public Backend {
       if (ftruncate(host_fd_, static_cast<off_t>(host_file_bytes_ + bytes)) != 0) return kOutOfMemory;
       host_file_bytes_ += bytes;
     }
-    // Populated at once, as pinned memory is resident from cuMemHostAlloc on.
-    void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, host_fd_, off);
+    // Not populated here: the first copy into a page faults it in on the copy
+    // stream's worker, not in the caller of swap_out.
+    void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, host_fd_, off);
     if (p == MAP_FAILED) {
       free_host_offsets_[bytes].push_back(off);
       return kOutOfMemory;
@@ -427,6 +428,7 @@ class HostBackend final : public Backend {
     size_t bytes;
     StreamId stream;  // kWait: the stream waited on; kMark: this stream
     uint64_t seq;     // kWait: that stream's event; kMark: the event completed
+    bool prefault = false;  // kCopy into a chunk just mapped (a swap-in)
   };
   struct CopyStream {
     std::deque<Task> queue;
@@ -434,7 +436,7 @@ class HostBackend final : public Backend {
     bool stop = false;
   };
 
-  int copy(void* dst, const void* src, size_t bytes, StreamId stream) {
+  int copy(void* dst, const void* src, size_t bytes, StreamId stream, bool into_new_mapping) {
     std::unique_lock<std::mutex> g(mu_);
     if (fire(&fail_copy_countdown_)) return kInjectedFault;
     auto it = copy_streams_.find(stream);
@@ -443,7 +445,7 @@ class HostBackend final : public Backend {
       std::memcpy(dst, src, bytes);
       return kOk;
     }
-    it->second->queue.push_back({Task::kCopy, dst, src, bytes, stream, 0});
+    it->second->queue.push_back({Task::kCopy, dst, src, bytes, stream, 0, into_new_mapping});
     work_.notify_all();
     return kOk;
   }
@@ -484,6 +486,7 @@ class HostBackend final : public Backend {
       Task t = cs->queue.front();
       if (t.kind == Task::kCopy) {  // the copy runs unlocked; the task stays queued until it is done
         g.unlock();
+        if (t.prefault) prefault_for_write(t.dst, t.bytes);
         std::memcpy(t.dst, t.src, t.bytes);
         g.lock();
       } else if (t.kind == Task::kMark) {
@@ -493,6 +496,18 @@ class HostBackend final : public Backend {
       }
       cs->queue.pop_front();
     }
+  }
+  // A chunk just mapped has no page table entries: one write fault per
+  // 4 KiB page would set them up one by one. Populating the range first does
+  // it in one call (no-op where the kernel lacks MADV_POPULATE_WRITE).
+  static void prefault_for_write(void* dst, size_t bytes) {
+#ifdef MADV_POPULATE_WRITE
+    const uintptr_t page = 4096, a = reinterpret_cast<uintptr_t>(dst);
+    const uintptr_t lo = a & ~(page - 1), hi = (a + bytes + page - 1) & ~(page - 1);
+    madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_POPULATE_WRITE);
+#else
+    (void)dst, (void)bytes;
+#endif
   }
   // Drains the stream's queue, then ends its worker. Waits it still has on
   // simulated streams are completed, as a host wait would.
