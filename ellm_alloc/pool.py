@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ctypes
 import threading
-import weakref
 
 from . import _native as N
 from .config import Budget, human, parse_budget, parse_cpu_budget, parse_size
@@ -49,6 +48,26 @@ def _parse_device(device) -> tuple[str, int]:
     raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
 
 
+
+class SpaceHandle:
+    """A KV space's C handle, held by the space and by its pool: whichever
+    closes first destroys it. The pool holds these rather than the spaces:
+    when a reference cycle is collected, the pool may be finalised before a
+    space whose weak references are already cleared, and the space's own
+    teardown would then run on a destroyed pool."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: int):
+        self.value = value
+
+    def destroy(self, pool: "Pool") -> int:
+        """Unmaps the space's pages and releases its VA; returns the pages
+        that were still mapped (0 if it was destroyed already)."""
+        pool._spaces.discard(self)
+        handle, self.value = self.value, None
+        return N.lib.ellm_kv_destroy(handle) if handle else 0
+
 class Pool:
     """A chunk pool with its arena. Thread-safe; every method maps to the C API."""
 
@@ -86,7 +105,7 @@ class Pool:
         # (see views_on_cpu()).
         self.tensor_device_type = "cpu" if backend == "host" else "cuda"
         self._reclaim_callbacks: dict[int, object] = {}  # keep ctypes callbacks alive
-        self._dependents: weakref.WeakSet = weakref.WeakSet()  # KV spaces drawing on this pool
+        self._spaces: set[SpaceHandle] = set()  # KV spaces drawing on this pool
         self._lock = threading.Lock()
         if parse_cpu_budget(cpu_budget):
             try:
@@ -105,7 +124,7 @@ class Pool:
         self.device = N.lib.ellm_pool_device(handle)
         self.tensor_device_type = "cpu" if self.backend == "host" else "cuda"
         self._reclaim_callbacks = {}
-        self._dependents = weakref.WeakSet()  # KV spaces (PageSpace) register here too
+        self._spaces = set()  # KV spaces (PageSpace) register here too
         self._lock = threading.Lock()
         return self
 
@@ -328,8 +347,8 @@ class Pool:
             return 0
         # KV spaces use the pool's backend and chunks: they go first, or their
         # own teardown would later run on a destroyed pool.
-        for space in list(self._dependents):
-            space.close()
+        for space in list(self._spaces):
+            space.destroy(self)
         leaked = N.lib.ellm_pool_destroy(self._handle)
         self._handle = None
         return leaked

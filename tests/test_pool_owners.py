@@ -298,3 +298,37 @@ def test_acquire_and_release_for_an_unregistered_owner_are_refused(pool):
     with pytest.raises(ValueError, match="no active owner"):
         pool.release(kv.id, ids)
     assert_ledger(pool)
+
+
+def test_a_pool_and_its_kv_space_collected_in_one_cycle_tear_down_cleanly():
+    """When the garbage collector frees a reference cycle holding a pool and
+    a KV space (with a view of its pages), it may finalise the pool first,
+    with its weak references to the space already cleared: the pool must
+    still destroy the space before itself, and the space's own teardown must
+    then do nothing. It used to run on the destroyed pool (a segfault), so
+    this runs in a fresh interpreter."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import gc
+        from ellm_alloc.pool import Pool
+        from ellm_alloc.kv.space import PageSpace
+
+        class Holder:
+            pass
+
+        for _ in range(20):
+            h = Holder()
+            h.pool = Pool("cpu", budget=64 << 20)
+            h.space = PageSpace(h.pool, "cycle", 8)
+            h.space.map(0, 2)
+            h.view = h.space.bytes_view()
+            h.self = h
+            del h
+            gc.collect()
+        print("clean")
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "clean", (r.returncode, r.stderr[-2000:])

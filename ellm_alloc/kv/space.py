@@ -14,7 +14,7 @@ import ctypes
 import torch
 
 from .. import _native as N
-from ..pool import Pool, raise_for_status
+from ..pool import Pool, SpaceHandle, raise_for_status
 
 # ZERO: the page maps the pool's shared read-only zero chunk (zero fill, for
 # fixed-shape caches): it reads as zeros, a write faults, it holds no chunk.
@@ -30,9 +30,9 @@ class PageSpace:
         handle = N.lib.ellm_kv_create(pool.handle, name.encode(), n_pages)
         if not handle:
             raise_for_status(N.last_status() or N.INVALID_ARGUMENT)
-        self._handle = handle
+        self._handle = SpaceHandle(handle)
         self.pool = pool  # the pool must outlive the space
-        pool._dependents.add(self)  # ... and closes it first when closed explicitly
+        pool._spaces.add(self._handle)  # ... and destroys it first when it closes
         self.name = name
         self.page_bytes = pool.stats()["chunk_bytes"]
         self.n_pages = n_pages
@@ -42,9 +42,9 @@ class PageSpace:
 
     @property
     def handle(self) -> int:
-        if not self._handle:
+        if not self._handle.value:
             raise ValueError(f"KV space {self.name} is closed")
-        return self._handle
+        return self._handle.value
 
     def page_addr(self, page: int) -> int:
         return self.base + page * self.page_bytes
@@ -171,12 +171,8 @@ class PageSpace:
 
     def close(self) -> int:
         """Unmaps everything and releases the VA; returns pages that were still mapped."""
-        if not self._handle:
-            return 0
         self._bytes_view = None
-        n = N.lib.ellm_kv_destroy(self._handle)
-        self._handle = None
-        return n
+        return self._handle.destroy(self.pool)
 
     def __del__(self):
         try:
