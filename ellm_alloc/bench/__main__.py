@@ -1,4 +1,4 @@
-"""python -m ellm_alloc.bench {replay,hotpath,kv,generate,cpu-routing,gpu,swap} [--json]
+"""python -m ellm_alloc.bench {replay,hotpath,kv,generate,serve,cpu-routing,gpu,swap} [--json]
 
 replay TRACE   replays an allocation trace through the arena on a host pool and,
                side by side, through models of plain VA-first best fit and of
@@ -11,6 +11,10 @@ generate       HF generate() on a scaled random-weight model of a preset:
                ElasticCache (growing, and fixed-shape for torch.compile) vs
                DynamicCache vs StaticCache (peak KV and total bytes, tokens/s,
                largest batch within a KV budget).
+serve          a request trace (arrival times, prompt and output lengths)
+               replayed through transformers' continuous batching, stock and
+               made elastic, at one KV budget: output tokens/s, TTFT and TPOT
+               percentiles, SLO attainment, preemptions, peak KV bytes.
 cpu-routing    the same generate() with torch's native CPU allocator and with
                the pool (enable(device="cpu")), in alternating fresh processes:
                tokens/s of each and their ratio, fragmentation, malloc calls.
@@ -198,6 +202,23 @@ def main(argv: list[str] | None = None) -> int:
     gn.add_argument("--no-progress", action="store_true",
                     help="no progress bar on stderr (it is shown only when stderr is a terminal)")
     gn.add_argument("--json", action="store_true")
+    sv = sub.add_parser("serve", help="a request trace through transformers' continuous batching, stock vs elastic")
+    sv.add_argument("--model", required=True, help="preset name (llama3-8b, gemma3-12b-like, ...)")
+    sv.add_argument("--trace", required=True, help="serving trace JSON (shipped: benchmarks/workloads/serve/)")
+    sv.add_argument("--budget", help="KV budget of both modes, e.g. 128MiB (default: half of what the whole "
+                                     "trace would hold at once, at least twice its longest request)")
+    sv.add_argument("--max-requests", type=int, help="replay only the first N requests by arrival")
+    sv.add_argument("--modes", default="stock,elastic", help="comma-separated modes to run (default: %(default)s)")
+    sv.add_argument("--page-size", type=int, help="tokens per KV block, both modes (default 256)")
+    sv.add_argument("--max-batch-tokens", type=int, help="tokens per batch, both modes (default 8192)")
+    sv.add_argument("--ttft-ms", type=float, help="TTFT target for SLO attainment (default 2000)")
+    sv.add_argument("--tpot-ms", type=float, help="TPOT target for SLO attainment (default 200)")
+    sv.add_argument("--time-scale", type=float, help="multiplies the trace's arrival times (default 1)")
+    sv.add_argument("--layers", type=int, help="layers of the scaled model (default: one pattern period, or 4)")
+    sv.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                    help="default float32 on CPU, bfloat16 on CUDA")
+    sv.add_argument("--timeline", metavar="PNG", help="write the elastic mode's pool timeline here")
+    sv.add_argument("--json", action="store_true")
     cr = sub.add_parser("cpu-routing", help="generate() with torch's native CPU allocator vs the pool")
     cr.add_argument("--batch", type=int, default=8)
     cr.add_argument("--prompt-len", type=int, default=512)
@@ -266,6 +287,24 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         gen.print_report(r)
+        if args.json:
+            print(json.dumps(r))
+        return 0
+
+    if args.cmd == "serve":
+        from . import serve
+
+        try:
+            given = {k: getattr(args, k) for k in ("page_size", "max_batch_tokens", "ttft_ms", "tpot_ms", "time_scale")
+                     if getattr(args, k) is not None}  # the others: serve.run's defaults
+            r = serve.run(args.model, args.trace, budget=serve.budget_arg(args.budget),
+                          max_requests=args.max_requests, modes=serve.parse_modes(args.modes), layers=args.layers,
+                          dtype=args.dtype, timeline=args.timeline,
+                          progress=lambda m: print(m, file=sys.stderr, flush=True), **given)
+        except (ValueError, TypeError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        serve.print_report(r)
         if args.json:
             print(json.dumps(r))
         return 0
