@@ -46,7 +46,7 @@ def test_tiny_trace_both_modes_every_field_and_identical_tokens(tmp_path, capsys
     assert "elastic: 5/5 requests done" in captured.err  # progress goes to stderr
 
     assert r["modes_run"] == ["stock", "elastic"]
-    assert r["budget_bytes"] == 4 << 20 and r["stock_kv_tensor_bytes"] <= r["budget_bytes"]
+    assert r["budget_bytes"] == 4 << 20
     assert r["trace"]["requests"] == 5 and r["trace"]["output_tokens"] == 45
     for mode, x in r["results"].items():
         assert MODE_FIELDS <= set(x), (mode, MODE_FIELDS - set(x))
@@ -61,7 +61,7 @@ def test_tiny_trace_both_modes_every_field_and_identical_tokens(tmp_path, capsys
     assert STOCK_CONFIG <= set(stock["configuration"])
     offload = stock["configuration"]
     assert offload["cpu_offload_space_gib"] == 0 and "accelerator" in offload["cpu_offload"]
-    assert stock["peak_kv_bytes"] == stock["kv_tensor_bytes"] == r["stock_kv_tensor_bytes"]
+    assert stock["peak_kv_bytes"] == stock["kv_tensor_bytes"] <= r["budget_bytes"]
     assert stock["peak_kv_bytes_in_use"] <= stock["peak_kv_bytes"]
     assert 0 < el["peak_kv_bytes"] <= r["budget_bytes"] and el["kv_maps"] == el["kv_unmaps"] > 0
     assert set(r["elastic_over_stock"]) == RATIOS

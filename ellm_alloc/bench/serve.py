@@ -12,7 +12,7 @@ Modes, run one after the other in one process on the same model:
            a pool of that budget; transformers' FIFO scheduler.
 
 (An SLO-aware scheduler on the elastic cache is not built yet; it would be a
-third entry of MODES.)
+third entry of MODES, a function of the shared Setting like these two.)
 
 How the stock cache is given the budget. Its paged cache is one tensor of
 (num_sectors + 2) sectors (two trash sectors); `num_blocks` in the
@@ -82,7 +82,6 @@ import contextlib
 import hashlib
 import json
 import math
-import sys
 import threading
 import time
 from array import array
@@ -97,8 +96,6 @@ from ..config import human, parse_size
 from . import generate as gen
 
 TRACES = Path(__file__).resolve().parents[2] / "benchmarks" / "workloads" / "serve"
-#: The engines compared. An elastic mode with an SLO-aware scheduler is not built yet.
-MODES = ("stock", "elastic")
 DEFAULT_PAGE_SIZE = 256  # transformers' ContinuousBatchingConfig default
 DEFAULT_MAX_BATCH_TOKENS = 8192  # transformers' default when the config sets none
 DEFAULT_TTFT_MS = 2000.0
@@ -466,16 +463,152 @@ def default_budget(spec: Any, requests: list[TraceRequest], block_size: int, chu
     return ceil(max(half_all, 2 * longest) / chunk) * chunk
 
 
+@dataclass
+class Setting:
+    """What every mode of one bench serve run shares."""
+
+    model: Any
+    requests: list[TraceRequest]
+    prompts: dict[str, list[int]]
+    budget: int
+    page_size: int
+    max_batch_tokens: int
+    ttft_ms: float
+    tpot_ms: float
+    time_scale: float
+    activations: "_ActivationReading"
+    title: str
+    timeline: str | None = None
+    progress: Callable[[str], None] | None = None
+
+    def cb_config(self, **kw: Any) -> Any:
+        """The continuous batching config both engines share, plus `kw`."""
+        from transformers import ContinuousBatchingConfig
+
+        return ContinuousBatchingConfig(page_size=self.page_size, max_batch_tokens=self.max_batch_tokens,
+                                        scheduler_type="fifo", **kw)
+
+    def replay(self, label: str, config: Any, kv_bytes: Callable[[Any], int], **kw: Any) -> dict:
+        return replay(self.model, self.requests, self.prompts, config, label, kv_bytes, time_scale=self.time_scale,
+                      progress=self.progress, **kw)
+
+    def summarize(self, run_: dict) -> dict:
+        return summarize(self.requests, run_, self.ttft_ms, self.tpot_ms, self.time_scale)
+
+
+def _resolved(processor: Any) -> dict:
+    """The configuration transformers resolved for this batch processor."""
+    c = processor.cb_config
+    return {"page_size": c.page_size, "max_batch_tokens": c.max_batch_tokens, "scheduler_type": c.scheduler_type,
+            "safety_margin": processor.scheduler.safety_margin, "max_requests_per_batch": c.max_requests_per_batch,
+            "use_async_batching": c.use_async_batching, "max_memory_percent": c.max_memory_percent,
+            "allow_block_sharing": c.allow_block_sharing}
+
+
+def stock_mode(s: Setting) -> tuple[dict, dict]:
+    """transformers' engine as shipped, its cache tensor sized to the budget."""
+    geometry = stock_geometry(s.model.config.get_text_config(), s.model.dtype, s.page_size)
+    num_blocks = stock_num_blocks(geometry, s.budget)  # run() checked that the longest request fits
+    if s.model.device.type == "cpu":
+        offload_gib, offload = 0.0, ("off: transformers' CPU swap pool is pinned memory, which torch refuses "
+                                     "without an accelerator")
+    else:  # GPU-only path: never run on a GPU in this repository
+        offload_gib, offload = s.budget / 2**30, "on, as large as the KV budget"
+    seen: dict[str, Any] = {}
+
+    def keep(processor: Any) -> None:
+        c = processor.cache
+        seen.update(_resolved(processor), tensor=c.cache_tensor.numel() * c.cache_tensor.element_size(),
+                    num_sectors=c.num_sectors, bytes_per_sector=c.bytes_per_sector)
+
+    s.activations.start()
+    run_ = s.replay("stock", s.cb_config(num_blocks=num_blocks, cpu_offload_space=offload_gib), _stock_kv_in_use,
+                    on_processor=keep)
+    tensor = seen.pop("tensor")
+    if tensor != stock_tensor_bytes(geometry, num_blocks) or tensor > s.budget:
+        raise RuntimeError(f"the stock cache tensor is {tensor} B, not the {stock_tensor_bytes(geometry, num_blocks)}"
+                           f" B expected within the {s.budget} B budget")
+    r = s.summarize(run_)
+    r.update(
+        engine="transformers ContinuousBatchingManager, stock PagedAttentionCache, FIFO scheduler",
+        configuration={**seen, "num_blocks": num_blocks, "trash_sectors": geometry["trash_sectors"],
+                       "bytes_per_model_block": geometry["bytes_per_model_block"],
+                       "cpu_offload_space_gib": offload_gib, "cpu_offload": offload,
+                       "attn_implementation": s.model.config._attn_implementation},
+        kv_tensor_bytes=tensor,
+        peak_kv_bytes=tensor,
+        peak_kv_bytes_in_use=run_["observer"].peak_kv_bytes,
+        peak_activation_bytes=s.activations.peak(minus=tensor),
+    )
+    return r, run_["tokens"]
+
+
+def elastic_mode(s: Setting) -> tuple[dict, dict]:
+    """The same engine after ellm_alloc.serving.elastic(model, budget=...)."""
+    from ..pool import Pool
+    from ..serving import elastic
+
+    if s.model.device.type == "cpu":
+        serving = elastic(s.model, budget=s.budget, block_size=s.page_size)
+    else:  # GPU-only path, never run on a GPU in this repository: elastic() takes a pool, not a budget, there
+        serving = elastic(s.model, pool=Pool(str(s.model.device), budget=s.budget), block_size=s.page_size)
+    try:
+        for q in s.requests:  # refused here, not inside the generation thread
+            serving.check_fits(q.prompt + q.output, request_id=q.id, block_size=s.page_size)
+        seen: dict[str, Any] = {}
+        with contextlib.ExitStack() as stack:
+            recorder = None
+            if s.timeline:
+                from ..telemetry import record
+
+                recorder = stack.enter_context(record(pool=serving.pool, nvml=False))
+            s.activations.start()
+            run_ = s.replay("elastic", s.cb_config(), _elastic_kv_mapped,
+                            on_processor=lambda processor: seen.update(_resolved(processor)),
+                            on_step=None if recorder is None else lambda: recorder.sample("step"))
+        chunk = serving.pool.stats()["chunk_bytes"]
+        r = s.summarize(run_)
+        r.update(
+            engine="transformers ContinuousBatchingManager, ellm_alloc ElasticPagedAttentionCache, FIFO scheduler",
+            configuration={**seen, "pool_budget_bytes": s.budget, "chunk_bytes": chunk,
+                           "cpu_offload": "none: preempted requests are recomputed",
+                           "attn_implementation": s.model.config._attn_implementation},
+            peak_kv_bytes=run_["observer"].peak_kv_bytes,
+            peak_kv_bytes_in_use=run_["observer"].peak_kv_bytes,
+            # Each KV group's own peak, from the pool's ledger (exact; the
+            # step readings above may miss a peak inside a step).
+            peak_kv_bytes_by_group={o["name"]: o["peak_chunks"] * chunk for o in serving.pool.owners()
+                                    if o["name"] != "arena"},
+            kv_maps=serving.usage().get("maps"), kv_unmaps=serving.usage().get("unmaps"),
+            peak_activation_bytes=s.activations.peak(),
+        )
+        if recorder is not None:
+            from ..plot import plot_timeline
+
+            plot_timeline(recorder, s.timeline, x="time", title=f"bench serve, elastic: {s.title}")
+            r["timeline"] = {"path": str(s.timeline), "samples": len(recorder.samples),
+                             "series": recorder.owner_names() + ["free chunks"],
+                             "activations": "in the arena series only when torch allocates from the pool "
+                                            "(enable()); on CPU they are not in the pool"}
+    finally:
+        serving.close()
+        if not serving.own_pool:
+            serving.pool.close()
+    return r, run_["tokens"]
+
+
+#: The engines compared, in the order they run. An elastic mode with an
+#: SLO-aware scheduler is not built yet; it would be one more entry.
+MODES: dict[str, Callable[[Setting], tuple[dict, dict]]] = {"stock": stock_mode, "elastic": elastic_mode}
+
+
 def run(preset: str, trace_path: str, *, budget: int | None = None, max_requests: int | None = None,
-        modes: tuple[str, ...] = MODES, page_size: int = DEFAULT_PAGE_SIZE,
+        modes: tuple[str, ...] = tuple(MODES), page_size: int = DEFAULT_PAGE_SIZE,
         max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, ttft_ms: float = DEFAULT_TTFT_MS,
         tpot_ms: float = DEFAULT_TPOT_MS, time_scale: float = 1.0, layers: int | None = None,
         dtype: str | None = None, timeline: str | None = None,
         progress: Callable[[str], None] | None = None) -> dict:
-    from transformers import ContinuousBatchingConfig
-
     from ..kv.hf_config import from_hf_config
-    from ..serving import elastic
     from ..serving._patches import check_transformers
 
     unknown = [m for m in modes if m not in MODES]
@@ -497,147 +630,44 @@ def run(preset: str, trace_path: str, *, budget: int | None = None, max_requests
     requests = trace["requests"]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tdtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
-    spec = from_hf_config(cfg, dtype=tdtype)
     chunk = 2 << 20
-    budget = budget if budget is not None else default_budget(spec, requests, page_size, chunk)
+    if budget is None:
+        budget = default_budget(from_hf_config(cfg, dtype=tdtype), requests, page_size, chunk)
     if budget < chunk:
         raise ValueError(f"--budget {budget} B is less than one {human(chunk)} chunk")
     budget -= budget % chunk  # the elastic pool's budget is whole chunks; the stock tensor gets the same
-
-    geometry = stock_geometry(cfg, tdtype, page_size)
-    num_blocks = stock_num_blocks(geometry, budget)
-    tensor_bytes = stock_tensor_bytes(geometry, num_blocks)
-    longest = max(requests, key=lambda r: r.prompt + r.output)
-    if "stock" in modes and num_blocks * page_size < longest.prompt + longest.output:
-        raise ValueError(f"--budget {human(budget)}: the stock cache would hold {num_blocks} blocks of {page_size} "
-                         f"tokens, fewer than request {longest.id!r} ({longest.prompt + longest.output} tokens) "
-                         f"needs alone")
-    offload_gib = 0.0
-    offload_why = ("off: transformers' CPU swap pool is pinned memory, which torch refuses without an accelerator"
-                   if device == "cpu" else "as large as the KV budget")
-    if device != "cpu":
-        offload_gib = budget / 2**30
+    if "stock" in modes:  # refused before the model is built
+        num_blocks = stock_num_blocks(stock_geometry(cfg, tdtype, page_size), budget)
+        longest = max(requests, key=lambda r: r.prompt + r.output)
+        if num_blocks * page_size < longest.prompt + longest.output:
+            raise ValueError(f"--budget {human(budget)}: the stock cache would hold {num_blocks} blocks of "
+                             f"{page_size} tokens, fewer than request {longest.id!r} "
+                             f"({longest.prompt + longest.output} tokens) needs alone")
 
     say(f"bench serve: {preset} scaled to {structure}; trace {trace['name']} ({len(requests)} requests); "
         f"KV budget {human(budget)}")
     model = gen.build_model(cfg, device, tdtype)
-    prompts = prompt_ids(requests, cfg.vocab_size)
-    activations = _ActivationReading(model)
-
-    def cb(**kw) -> Any:
-        return ContinuousBatchingConfig(page_size=page_size, max_batch_tokens=max_batch_tokens,
-                                        scheduler_type="fifo", **kw)
+    setting = Setting(model=model, requests=requests, prompts=prompt_ids(requests, cfg.vocab_size), budget=budget,
+                      page_size=page_size, max_batch_tokens=max_batch_tokens, ttft_ms=ttft_ms, tpot_ms=tpot_ms,
+                      time_scale=time_scale, activations=_ActivationReading(model),
+                      title=f"{preset} (scaled), {trace['name']}, budget {human(budget)}", timeline=timeline,
+                      progress=progress)
 
     # Untimed: CPU kernels pay a one-off cost per new shape; whichever mode ran
-    # first would pay it. A few requests of the trace, arriving together.
+    # first would pay it. A few requests of the trace, arriving together, on
+    # the stock engine with room of their own (not measured).
     warm = [TraceRequest(r.id, 0.0, r.prompt, min(r.output, 4)) for r in requests[:4]]
-    warm_blocks = sum(ceil((r.prompt + r.output) / page_size) for r in warm) + 1  # its own room: not measured
     say("  warm-up (untimed, stock engine)")
-    replay(model, warm, prompts, cb(num_blocks=max(num_blocks, warm_blocks)), "warm-up", _stock_kv_in_use)
+    replay(model, warm, setting.prompts,
+           setting.cb_config(num_blocks=sum(ceil((r.prompt + r.output) / page_size) for r in warm) + 1),
+           "warm-up", _stock_kv_in_use)
 
     results: dict[str, dict] = {}
     tokens: dict[str, dict[str, list[int]]] = {}
-    timeline_info: dict[str, Any] = {"path": None}
     for mode in modes:
-        if mode == "stock":
-            config = cb(num_blocks=num_blocks, cpu_offload_space=offload_gib)
-            seen: dict[str, Any] = {}
-
-            def keep(processor: Any) -> None:
-                c = processor.cache
-                seen.update(tensor=c.cache_tensor.numel() * c.cache_tensor.element_size(),
-                            num_sectors=c.num_sectors, bytes_per_sector=c.bytes_per_sector,
-                            resolved=processor.cb_config, safety_margin=processor.scheduler.safety_margin)
-
-            say("  stock: transformers' PagedAttentionCache")
-            activations.start()
-            run_ = replay(model, requests, prompts, config, "stock", _stock_kv_in_use, time_scale=time_scale,
-                          progress=progress, on_processor=keep)
-            r = summarize(requests, run_, ttft_ms, tpot_ms, time_scale)
-            resolved = seen["resolved"]
-            r.update(
-                engine="transformers ContinuousBatchingManager, stock PagedAttentionCache, FIFO scheduler",
-                configuration={
-                    "page_size": page_size, "num_blocks": num_blocks, "max_batch_tokens": resolved.max_batch_tokens,
-                    "scheduler_type": resolved.scheduler_type,
-                    "safety_margin": seen["safety_margin"],
-                    "max_memory_percent": resolved.max_memory_percent,
-                    "max_requests_per_batch": resolved.max_requests_per_batch,
-                    "allow_block_sharing": resolved.allow_block_sharing,
-                    "use_async_batching": resolved.use_async_batching,
-                    "cpu_offload_space_gib": offload_gib, "cpu_offload": offload_why,
-                    "attn_implementation": model.config._attn_implementation,
-                    "bytes_per_sector": seen["bytes_per_sector"], "num_sectors": seen["num_sectors"],
-                    "trash_sectors": geometry["trash_sectors"],
-                    "bytes_per_model_block": geometry["bytes_per_model_block"],
-                },
-                kv_tensor_bytes=seen["tensor"],
-                peak_kv_bytes=seen["tensor"],
-                peak_kv_bytes_in_use=run_["observer"].peak_kv_bytes,
-                peak_activation_bytes=activations.peak(minus=seen["tensor"]),
-            )
-            if seen["tensor"] != tensor_bytes or seen["tensor"] > budget:
-                raise RuntimeError(f"stock cache tensor is {seen['tensor']} B; expected {tensor_bytes} B within the "
-                                   f"{budget} B budget")
-        else:  # elastic
-            say("  elastic: ElasticPagedAttentionCache on a pool of the budget")
-            serving = elastic(model, budget=budget, block_size=page_size)
-            try:
-                for q in requests:  # refused here, not inside the generation thread
-                    serving.check_fits(q.prompt + q.output, request_id=q.id, block_size=page_size)
-                seen = {}
-
-                def keep(processor: Any) -> None:
-                    seen.update(resolved=processor.cb_config, safety_margin=processor.scheduler.safety_margin)
-
-                with contextlib.ExitStack() as stack:
-                    recorder = None
-                    if timeline:
-                        from ..telemetry import record
-
-                        recorder = stack.enter_context(record(pool=serving.pool, nvml=False))
-                    activations.start()
-                    run_ = replay(model, requests, prompts, cb(), "elastic", _elastic_kv_mapped,
-                                  time_scale=time_scale, progress=progress, on_processor=keep,
-                                  on_step=None if recorder is None else lambda: recorder.sample("step"))
-                usage = serving.usage()
-                chunk_bytes = serving.pool.stats()["chunk_bytes"]
-                owner_peaks = {o["name"]: o["peak_chunks"] * chunk_bytes for o in serving.pool.owners()
-                               if o["name"] != "arena"}
-                resolved = seen["resolved"]
-                r = summarize(requests, run_, ttft_ms, tpot_ms, time_scale)
-                r.update(
-                    engine="transformers ContinuousBatchingManager, ellm_alloc ElasticPagedAttentionCache, "
-                           "FIFO scheduler",
-                    configuration={
-                        "page_size": page_size, "max_batch_tokens": resolved.max_batch_tokens,
-                        "scheduler_type": resolved.scheduler_type, "safety_margin": seen["safety_margin"],
-                        "max_requests_per_batch": resolved.max_requests_per_batch,
-                        "use_async_batching": resolved.use_async_batching,
-                        "pool_budget_bytes": budget, "chunk_bytes": chunk_bytes,
-                        "cpu_offload": "none: preempted requests are recomputed",
-                        "attn_implementation": model.config._attn_implementation,
-                    },
-                    peak_kv_bytes=run_["observer"].peak_kv_bytes,
-                    peak_kv_bytes_in_use=run_["observer"].peak_kv_bytes,
-                    peak_kv_bytes_by_group=owner_peaks,
-                    kv_maps=usage.get("maps"), kv_unmaps=usage.get("unmaps"),
-                    peak_activation_bytes=activations.peak(),
-                )
-                if recorder is not None:
-                    from ..plot import plot_timeline
-
-                    plot_timeline(recorder, timeline, x="time",
-                                  title=f"bench serve, elastic: {preset} (scaled), {trace['name']}, "
-                                        f"budget {human(budget)}")
-                    timeline_info = {"path": str(timeline), "samples": len(recorder.samples),
-                                     "series": recorder.owner_names() + ["free chunks"],
-                                     "activations": "in the arena series only when torch allocates from the pool "
-                                                    "(enable()); on CPU they are not in the pool"}
-            finally:
-                serving.close()
-        tokens[mode] = run_["tokens"]
-        results[mode] = r
+        say(f"  {mode}: {MODES[mode].__doc__.splitlines()[0]}")
+        results[mode], tokens[mode] = MODES[mode](setting)
+        r = results[mode]
         say(f"  {mode}: {r['output_tokens_per_s']} output tok/s, TTFT p50 {r['ttft_ms']['p50']} ms, "
             f"TPOT p50 {r['tpot_ms']['p50']} ms, SLO {r['slo_attainment']:.2f}, {r['preemptions']} preemptions")
 
@@ -655,7 +685,6 @@ def run(preset: str, trace_path: str, *, budget: int | None = None, max_requests
                   "last_arrival_s": round(requests[-1].arrival * time_scale, 3)},
         "time_scale": time_scale,
         "budget_bytes": budget,
-        "stock_kv_tensor_bytes": tensor_bytes,
         "page_size": page_size,
         "max_batch_tokens": max_batch_tokens,
         "slo": {"ttft_ms": ttft_ms, "tpot_ms": tpot_ms},
@@ -667,10 +696,10 @@ def run(preset: str, trace_path: str, *, budget: int | None = None, max_requests
                              "manager's mapped chunk bytes, read after each batch is scheduled",
             "peak_kv_bytes_in_use": "stock: peak bytes of the sectors its allocators hold; elastic: as "
                                     "peak_kv_bytes",
-            "peak_activation_bytes": activations.method,
+            "peak_activation_bytes": setting.activations.method,
             "preemptions": "requests evicted by transformers' offloading manager (active before, waiting after)",
         },
-        "timeline": timeline_info if timeline else {"path": None},
+        "timeline": results.get("elastic", {}).pop("timeline", {"path": None}),
     }
     if "stock" in results and "elastic" in results:
         a, b = results["stock"], results["elastic"]
