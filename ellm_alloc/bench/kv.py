@@ -237,8 +237,9 @@ def run_one(model, items: list[WorkItem], budget: int, mode: str, block_size: in
 
     while waiting or running or swapped:
         # Swapped-out requests come back first, earliest arrival first, while
-        # they fit with a margin of a chunk per running request (see the top).
-        while swapped and mgr.can_swap_in(swapped[0][1], margin_chunks=len(running) + 1):
+        # they fit with a margin of a chunk per running request (see the top;
+        # with nothing running, no margin: nobody else competes for room).
+        while swapped and mgr.can_swap_in(swapped[0][1], margin_chunks=len(running) + 1 if running else 0):
             _, rid, entry = heapq.heappop(swapped)
             mgr.swap_in(rid)
             swap_ins += 1
