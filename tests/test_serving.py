@@ -223,3 +223,44 @@ def test_unknown_transformers_version_is_refused(monkeypatch, version):
         _patches.check_transformers()
     with pytest.raises(RuntimeError, match=version):
         elastic(_FakeModel(CONFIGS["llama"]()), budget="4MiB")
+
+
+def test_cancelling_a_request_mid_prefill_frees_everything(model_and_reference, monkeypatch):
+    """A request cancelled while its prompt is half prefilled (split over
+    steps by the 32-token batch budget) gives back every block, lookback
+    holds included; the other requests still get the stock engine's tokens,
+    and the pool holds nothing afterwards."""
+    model, reference = model_and_reference
+    long_prompt = prompts((90,), seed=7)[0]  # three prefill steps of at most 32 tokens
+    cancelled = {}
+    can_store = ElasticPagedAttentionCache.can_store_request_tokens
+
+    def cancel_when_half_prefilled(self, state, request_len, dry_run=False):
+        stored = can_store(self, state, request_len, dry_run)
+        if state.request_id == "victim" and state.current_len() > 0 and "at" not in cancelled:
+            cancelled["at"] = state.current_len()  # tokens already prefilled
+            cancelled["manager"].cancel_request("victim")
+        return stored
+
+    monkeypatch.setattr(ElasticPagedAttentionCache, "can_store_request_tokens", cancel_when_half_prefilled)
+    pool = Pool("cpu", budget="16MiB")
+    try:
+        with elastic(model, pool=pool) as serving:
+            with model.continuous_batching_context_manager(generation_config=GEN,
+                                                           continuous_batching_config=cb_config()) as manager:
+                cancelled["manager"] = manager
+                manager.add_request(long_prompt, request_id="victim", max_new_tokens=24)
+                rid = manager.add_request(prompts()[2], request_id="r2", max_new_tokens=24)
+                result = None
+                for _ in range(50):  # the victim's cancellation may be reported first
+                    result = manager.get_result(request_id=rid, timeout=10)
+                    if result is not None:
+                        break
+            assert 0 < cancelled.get("at", 0) < len(long_prompt), cancelled
+            assert result is not None and result.error is None and result.generated_tokens == reference["req_2"]
+            assert "victim" not in serving.kv.requests and serving.usage()["requests"] == 0
+            assert not serving.cache._lookbacks
+            assert_balanced(pool)
+        assert_balanced(pool)
+    finally:
+        pool.close()
