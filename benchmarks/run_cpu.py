@@ -1,7 +1,7 @@
 """Runs the CPU benchmarks and writes their figures, with the conditions, to
 benchmarks/results/cpu_*.json.
 
-    python benchmarks/run_cpu.py [replay] [hotpath] [kv] [kvspecs] [kvswap] [generate] [cpu-routing]   (default: all)
+    python benchmarks/run_cpu.py [replay] [hotpath] [kv] [kvspecs] [kvswap] [generate] [serve] [cpu-routing]   (default: all)
     python benchmarks/run_cpu.py table        # the README's KV table, from the stored results
 
 Every file holds the exact command, the date, the machine (CPU model, cores)
@@ -29,6 +29,14 @@ OUT_OF_SAMPLE_SPECS = ["deepseek-v2-lite-like", "phi3-mini-like", "gemma3-4b-lik
 PRESETS = ["llama3-8b", "gemma3-12b-like", "llama4-scout-like", "jamba-like", "mllama-like",
            "mistral-7b-v0.1", "qwen2.5-7b"]
 SWAP_BUDGETS = {"jamba-like": "1GiB"}  # kvswap: where 4 GiB would not preempt
+# serve, llama3-8b scaled (4 layers, float32: 32 KiB of KV a token, 8 MiB a
+# 256-token block): per shipped trace, the KV budget of both engines, tight
+# enough that requests wait for memory (chat: 16 blocks for 40 requests of
+# 1-5 blocks; long context: 2 or 3 documents at a time), and its extra
+# arguments. A 3.6K-token prompt alone takes over 2 s to prefill on this CPU:
+# long context is judged against a 10 s TTFT.
+SERVE_RUNS = {"chat": ["--budget", "128MiB"],
+              "long_context": ["--budget", "256MiB", "--ttft-ms", "10000"]}
 
 
 def machine() -> dict:
@@ -114,7 +122,7 @@ def main(parts: list[str]) -> None:
         print()
         print(swap_table())
         return
-    parts = parts or ["replay", "hotpath", "kv", "kvswap", "generate", "cpu-routing"]  # kv includes kvspecs
+    parts = parts or ["replay", "hotpath", "kv", "kvswap", "generate", "serve", "cpu-routing"]  # kv includes kvspecs
     if "replay" in parts:
         traces = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "benchmarks" / "traces").glob("*.trace"))
         run(["replay", *traces], "replay")
@@ -142,6 +150,10 @@ def main(parts: list[str]) -> None:
             run(["generate", "--model", preset, "--batch", "4", "--prompt-len", "128", "--new-tokens", "64",
                  "--repeats", "7", "--find-max-batch", "--budget", "1GiB"], f"generate_{preset}",
                 env={"OMP_NUM_THREADS": "1"})
+    if "serve" in parts:
+        for trace, extra in SERVE_RUNS.items():
+            run(["serve", "--model", "llama3-8b", "--trace", f"benchmarks/workloads/serve/{trace}.json", *extra],
+                f"serve_llama3-8b_{trace}")
     if "cpu-routing" in parts:
         # The issue's workload on one torch thread: on a small shared machine two
         # OpenMP threads spin against whatever else runs and swamp the difference.

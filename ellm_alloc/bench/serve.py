@@ -61,11 +61,11 @@ What is measured, per mode:
     reset threw away (the request's length at eviction), 0 for a request
     copied to CPU.
   * peak_kv_bytes: stock, the bytes of its cache tensor, allocated once and
-    held for the whole run; elastic, the peak of the KV manager's mapped
-    chunk bytes, read after every batch is scheduled (its blocks allocated).
-    peak_kv_bytes_in_use: stock, the peak bytes of the sectors its
-    allocators hold (read at the same points); elastic, the same as
-    peak_kv_bytes.
+    held for the whole run; elastic, the pool ledger's peak chunks of each
+    KV group, summed (exact for one group, an upper bound for several).
+    peak_kv_bytes_in_use: read after every batch is scheduled (its blocks
+    allocated): stock, the bytes of the sectors its allocators hold;
+    elastic, the KV manager's mapped chunk bytes.
   * peak_activation_bytes: the pool arena's peak allocated bytes minus the
     weights (and minus the stock cache tensor) when torch allocates from an
     ellm_alloc pool (enable() on a GPU); on CPU torch's own allocator serves
@@ -567,18 +567,21 @@ def elastic_mode(s: Setting) -> tuple[dict, dict]:
                             on_processor=lambda processor: seen.update(_resolved(processor)),
                             on_step=None if recorder is None else lambda: recorder.sample("step"))
         chunk = serving.pool.stats()["chunk_bytes"]
+        # Each KV group's peak from the pool's ledger: it also sees chunks
+        # mapped and unmapped again within a step, which a reading between
+        # steps misses. Their sum is the exact peak for one group, an upper
+        # bound for several (their peaks need not coincide).
+        by_group = {o["name"]: o["peak_chunks"] * chunk for o in serving.pool.owners() if o["name"] != "arena"}
         r = s.summarize(run_)
         r.update(
             engine="transformers ContinuousBatchingManager, ellm_alloc ElasticPagedAttentionCache, FIFO scheduler",
             configuration={**seen, "pool_budget_bytes": s.budget, "chunk_bytes": chunk,
                            "cpu_offload": "none: preempted requests are recomputed",
                            "attn_implementation": s.model.config._attn_implementation},
-            peak_kv_bytes=run_["observer"].peak_kv_bytes,
+            peak_kv_bytes=max(sum(by_group.values()), run_["observer"].peak_kv_bytes),
+            peak_kv_bytes_exact=len(by_group) == 1,
             peak_kv_bytes_in_use=run_["observer"].peak_kv_bytes,
-            # Each KV group's own peak, from the pool's ledger (exact; the
-            # step readings above may miss a peak inside a step).
-            peak_kv_bytes_by_group={o["name"]: o["peak_chunks"] * chunk for o in serving.pool.owners()
-                                    if o["name"] != "arena"},
+            peak_kv_bytes_by_group=by_group,
             kv_maps=serving.usage().get("maps"), kv_unmaps=serving.usage().get("unmaps"),
             peak_activation_bytes=s.activations.peak(),
         )
@@ -692,10 +695,12 @@ def run(preset: str, trace_path: str, *, budget: int | None = None, max_requests
         "results": results,
         "measurement": {
             "timing": "per-token timestamps streamed by transformers; TTFT from the trace arrival time",
-            "peak_kv_bytes": "stock: its cache tensor's bytes (allocated once); elastic: peak of the KV "
-                             "manager's mapped chunk bytes, read after each batch is scheduled",
-            "peak_kv_bytes_in_use": "stock: peak bytes of the sectors its allocators hold; elastic: as "
-                                    "peak_kv_bytes",
+            "peak_kv_bytes": "stock: its cache tensor's bytes (allocated once, held throughout); elastic: the "
+                             "pool ledger's peak chunks of each KV group, summed (exact for one group, an upper "
+                             "bound for several: peak_kv_bytes_exact)",
+            "peak_kv_bytes_in_use": "read after each batch is scheduled (its blocks allocated): stock, the bytes "
+                                    "of the sectors its allocators hold; elastic, the KV manager's mapped chunk "
+                                    "bytes",
             "peak_activation_bytes": setting.activations.method,
             "preemptions": "requests evicted by transformers' offloading manager (active before, waiting after)",
         },
