@@ -362,6 +362,19 @@ def run_generate(kind: str, model, cfg, ids, mask, new_tokens: int, max_cache_le
 # ---- the whole comparison ---------------------------------------------------------------------
 
 
+def model_record(preset: str, structure: str, cfg, device: str, dtype: torch.dtype) -> dict[str, Any]:
+    """What a report says of the scaled model it ran and where (shared with bench serve)."""
+    return {
+        "preset": preset,
+        "model": structure,
+        "config": {"model_type": cfg.model_type, "hidden_size": cfg.hidden_size,
+                   "num_hidden_layers": cfg.num_hidden_layers, "vocab_size": cfg.vocab_size},
+        "device": device if device == "cpu" else torch.cuda.get_device_name(),
+        "dtype": str(dtype).replace("torch.", ""),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
 def run(preset: str, batch: int, prompt_len: int, new_tokens: int, *, max_cache_len: int | None = None,
         layers: int | None = None, window: int | None = None, dtype: str | None = None,
         repeats: int = 3, find_max: bool = False, budget: int | None = None, progress: bool = True,
@@ -428,13 +441,7 @@ def run(preset: str, batch: int, prompt_len: int, new_tokens: int, *, max_cache_
     need = el["needed_bytes_at_peak"] or 0
     fixed_need = fx["needed_bytes_at_peak"] or 0
     out: dict[str, Any] = {
-        "preset": preset,
-        "model": structure,
-        "config": {"model_type": cfg.model_type, "hidden_size": cfg.hidden_size,
-                   "num_hidden_layers": cfg.num_hidden_layers, "vocab_size": cfg.vocab_size},
-        "device": device if device == "cpu" else torch.cuda.get_device_name(),
-        "dtype": str(tdtype).replace("torch.", ""),
-        "torch_threads": torch.get_num_threads(),
+        **model_record(preset, structure, cfg, device, tdtype),
         "batch": batch,
         "prompt_len": prompt_len,
         "new_tokens": new_tokens,

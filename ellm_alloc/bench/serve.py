@@ -675,13 +675,7 @@ def run(preset: str, trace_path: str, *, budget: int | None = None, max_requests
             f"TPOT p50 {r['tpot_ms']['p50']} ms, SLO {r['slo_attainment']:.2f}, {r['preemptions']} preemptions")
 
     out: dict[str, Any] = {
-        "preset": preset,
-        "model": structure,
-        "config": {"model_type": cfg.model_type, "hidden_size": cfg.hidden_size,
-                   "num_hidden_layers": cfg.num_hidden_layers, "vocab_size": cfg.vocab_size},
-        "device": device if device == "cpu" else torch.cuda.get_device_name(),
-        "dtype": str(tdtype).replace("torch.", ""),
-        "torch_threads": torch.get_num_threads(),
+        **gen.model_record(preset, structure, cfg, device, tdtype),
         "trace": {"path": str(trace_path), "name": trace["name"], "description": trace["description"],
                   "requests": len(requests), "prompt_tokens": sum(r.prompt for r in requests),
                   "output_tokens": sum(r.output for r in requests),
