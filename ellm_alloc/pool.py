@@ -48,7 +48,6 @@ def _parse_device(device) -> tuple[str, int]:
     raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
 
 
-
 class SpaceHandle:
     """A KV space's C handle, held by the space and by its pool: whichever
     closes first destroys it. The pool holds these rather than the spaces:
