@@ -8,5 +8,6 @@ See ellm_alloc/serving/paged_cache.py for the cache and _patches.py for the
 one seam in transformers it uses (and the versions it was verified on).
 """
 from .handle import ElasticServing, RequestTooLargeError, elastic
+from .slo import SLO
 
-__all__ = ["ElasticServing", "RequestTooLargeError", "elastic"]
+__all__ = ["SLO", "ElasticServing", "RequestTooLargeError", "elastic"]

@@ -10,11 +10,14 @@ class for any other model. Nothing else in transformers is replaced; the
 scheduler, batch processor, inputs/outputs and model runner talk to the
 elastic cache through the interface they already use.
 
-The one other change is per model instance, not per class: the model's
-`generate_batch` attribute is shadowed by a wrapper that refuses, before any
-work starts, a request that could not fit in the pool even alone.
+Two additions, no replacement: the name "ellm_slo" is added to the
+scheduler's `SCHEDULER_MAPPING` (the SLO-aware scheduler, selected with
+ContinuousBatchingConfig(scheduler_type="ellm_slo")), and, per model instance
+rather than per class, the model's `generate_batch` attribute is shadowed by
+a wrapper that refuses, before any work starts, a request that could not fit
+in the pool even alone.
 
-Both are undone when the last registration goes (`unregister`).
+All are undone when the last registration goes (`unregister`).
 
 Versions: the interface the cache implements is read from transformers'
 internals, which change between releases. SUPPORTED is the range the project
@@ -103,6 +106,8 @@ def register(config: Any, build_cache: Callable[..., Any]) -> None:
     as PagedAttentionCache). The first registration installs the factory."""
     global _original_cache_cls
     continuous_api = check_transformers()
+    from .scheduler import SCHEDULER_NAME, SLOAwareScheduler
+
     with _lock:
         entry = _registry.get(id(config))
         if entry is not None and entry[0] is config:
@@ -110,6 +115,7 @@ def register(config: Any, build_cache: Callable[..., Any]) -> None:
         if not _registry:
             _original_cache_cls = continuous_api.PagedAttentionCache
             continuous_api.PagedAttentionCache = _cache_factory
+            _scheduler_mapping()[SCHEDULER_NAME] = SLOAwareScheduler
         _registry[id(config)] = (config, build_cache)
 
 
@@ -117,6 +123,8 @@ def unregister(config: Any) -> None:
     """Undoes register(); the last one puts transformers' class back."""
     global _original_cache_cls
     from transformers.generation.continuous_batching import continuous_api
+
+    from .scheduler import SCHEDULER_NAME, SLOAwareScheduler
 
     with _lock:
         entry = _registry.get(id(config))
@@ -127,13 +135,25 @@ def unregister(config: Any) -> None:
             if continuous_api.PagedAttentionCache is _cache_factory:
                 continuous_api.PagedAttentionCache = _original_cache_cls
             _original_cache_cls = None
+            if _scheduler_mapping().get(SCHEDULER_NAME) is SLOAwareScheduler:
+                del _scheduler_mapping()[SCHEDULER_NAME]
+
+
+def _scheduler_mapping() -> dict:
+    # continuous_api imported the dict object itself: adding to it is seen there.
+    from transformers.generation.continuous_batching.scheduler import SCHEDULER_MAPPING
+
+    return SCHEDULER_MAPPING
 
 
 def is_patched() -> bool:
-    """Whether the cache factory is installed now (tests check close() undoes it)."""
+    """Whether the cache factory or the scheduler name is installed now (tests
+    check close() undoes both)."""
     from transformers.generation.continuous_batching import continuous_api
 
-    return continuous_api.PagedAttentionCache is _cache_factory
+    from .scheduler import SCHEDULER_NAME
+
+    return continuous_api.PagedAttentionCache is _cache_factory or SCHEDULER_NAME in _scheduler_mapping()
 
 
 def wrap_generate_batch(model: Any, check: Callable[[list[list[int]], Any, dict], None]) -> None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import weakref
 from math import ceil
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -11,6 +11,7 @@ from ..kv.hf_config import from_hf_config, text_config
 from ..kv.layout import plan_layout
 from ..kv.spec import ModelKVSpec
 from ..pool import Pool
+from .slo import SLO
 
 
 class RequestTooLargeError(ValueError):
@@ -18,7 +19,9 @@ class RequestTooLargeError(ValueError):
 
 
 def elastic(model: Any, pool: Pool | None = None, budget: int | str | None = None, block_size: int | None = None,
-            *, max_large_page_bytes: int | None = None, name: str = "serve") -> "ElasticServing":
+            *, slo: SLO | None = None, cpu_budget: int | str | None = None,
+            max_large_page_bytes: int | None = None, name: str = "serve",
+            clock: Callable[[], float] | None = None) -> "ElasticServing":
     """Makes `model`'s continuous batching (model.generate_batch,
     model.init_continuous_batching) run on a paged KV cache drawn from a pool:
     one virtual range per layer group sized for the whole budget, chunks
@@ -33,10 +36,19 @@ def elastic(model: Any, pool: Pool | None = None, budget: int | str | None = Non
         not with `pool`.
     block_size: tokens per KV block. Default: the continuous batching
         config's page_size, the stock engine's block.
+    slo: latency targets, SLO(ttft_ms=..., tpot_ms=...), for the SLO-aware
+        scheduler: select it with ContinuousBatchingConfig(scheduler_type=
+        "ellm_slo"). The stock schedulers ignore it.
+    cpu_budget: host memory ("4GiB") for the pool the handle makes (with
+        `budget`): the host tier the SLO-aware scheduler swaps preempted
+        requests to. A given or enable()d pool has its own (Pool(cpu_budget=),
+        enable(cpu_budget=)).
     max_large_page_bytes: passed to the KVCacheManager's layout planner.
+    clock: the seconds clock the SLO-aware scheduler times steps with
+        (default time.perf_counter; tests give a virtual one).
     """
-    return ElasticServing(model, pool=pool, budget=budget, block_size=block_size,
-                          max_large_page_bytes=max_large_page_bytes, name=name)
+    return ElasticServing(model, pool=pool, budget=budget, block_size=block_size, slo=slo, cpu_budget=cpu_budget,
+                          max_large_page_bytes=max_large_page_bytes, name=name, clock=clock)
 
 
 class ElasticServing:
@@ -44,13 +56,16 @@ class ElasticServing:
 
     `pool`: the Pool in use. `kv`: the KVCacheManager of the latest cache
     transformers built (None before the first generate_batch / batch
-    processor). `usage()`: that manager's usage(). `close()`: frees every
+    processor). `usage()`: that manager's usage(). `decisions()`: the
+    SLO-aware scheduler's counts of its decisions ({} with another
+    scheduler). `close()`: frees every
     request, closes the caches' ranges, restores transformers and the
     model, and closes the pool if the handle made it.
     """
 
-    def __init__(self, model: Any, *, pool: Pool | None, budget: Any, block_size: int | None,
-                 max_large_page_bytes: int | None, name: str):
+    def __init__(self, model: Any, *, pool: Pool | None, budget: Any, block_size: int | None, slo: Any,
+                 cpu_budget: Any, max_large_page_bytes: int | None, name: str,
+                 clock: Callable[[], float] | None):
         from . import _patches
 
         _patches.check_transformers()
@@ -66,6 +81,16 @@ class ElasticServing:
             raise TypeError(f"pool must be an ellm_alloc Pool, got {type(pool).__name__}")
         if not isinstance(name, str) or not name:
             raise ValueError(f"name must be a non-empty string, got {name!r}")
+        if slo is not None and not isinstance(slo, SLO):
+            raise TypeError(f"slo must be an ellm_alloc.serving.SLO(ttft_ms=..., tpot_ms=...), got {slo!r}")
+        if cpu_budget is not None and budget is None:
+            raise ValueError("cpu_budget= sizes the host tier of the pool the handle makes (with budget=); a given "
+                             "or enable()d pool has its own (Pool(cpu_budget=), enable(cpu_budget=))")
+        if clock is not None and not callable(clock):
+            raise TypeError(f"clock must be a function returning seconds, got {clock!r}")
+        self.slo = slo
+        self.clock = clock
+        self._scheduler = None
         self.model = model
         self.config = model.config.get_text_config()
         self.block_size = block_size
@@ -81,7 +106,7 @@ class ElasticServing:
             if layer.kind not in ATTN_TYPE_OF_KIND:
                 raise ValueError(f"{self._spec.name}: {layer.kind!r} layers are not served by transformers' "
                                  f"continuous batching nor by the elastic cache (full and sliding only)")
-        self.pool, self.own_pool = self._pick_pool(pool, budget, model.device)
+        self.pool, self.own_pool = self._pick_pool(pool, budget, cpu_budget, model.device)
         self._caches: weakref.WeakSet = weakref.WeakSet()
         self._latest = None
         self._closed = False
@@ -98,7 +123,7 @@ class ElasticServing:
             raise
 
     @staticmethod
-    def _pick_pool(pool: Pool | None, budget: Any, device: torch.device) -> tuple[Pool, bool]:
+    def _pick_pool(pool: Pool | None, budget: Any, cpu_budget: Any, device: torch.device) -> tuple[Pool, bool]:
         """The pool to use, and whether the handle made it (and closes it)."""
         if pool is not None:
             if pool.tensor_device_type != device.type:
@@ -120,7 +145,7 @@ class ElasticServing:
             if enabled_device() == "cpu":
                 return device_pool(), False
             raise ValueError("a CPU model needs budget= (the KV pool's size, e.g. '2GiB') or pool=")
-        return Pool("cpu", budget=budget), True
+        return Pool("cpu", budget=budget, cpu_budget=cpu_budget or 0), True
 
     def kv_spec(self, config: Any, dtype: torch.dtype) -> ModelKVSpec:
         return from_hf_config(text_config(config), dtype=dtype)
@@ -173,6 +198,13 @@ class ElasticServing:
     def _adopt(self, cache: Any) -> None:
         self._caches.add(cache)
         self._latest = cache
+
+    def _adopt_scheduler(self, scheduler: Any) -> None:
+        self._scheduler = scheduler
+
+    def decisions(self) -> dict[str, int]:
+        """The latest SLO-aware scheduler's decision counts ({} if none ran)."""
+        return {} if self._scheduler is None else dict(self._scheduler.decisions)
 
     @property
     def kv(self):

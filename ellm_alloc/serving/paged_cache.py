@@ -15,9 +15,12 @@ manager's. The K/V layout inside a block is the manager's (per block: layer
 0's K plane, its V plane, layer 1's K, ...), which is also how transformers
 lays out a block, so a token's row index is `block * rows_per_block + slot`.
 
-Not supported yet, refused or turned off with a reason: prefix sharing (the
-manager's prefix cache is off), CPU offloading of preempted requests (they
-are recomputed), the block-table decode path (flash_attn_with_kvcache),
+Preempted requests: transformers' own offloading manager (its pinned CPU
+swap pool) is refused; with the stock schedulers they are recomputed, with
+the SLO-aware scheduler (scheduler.py) they may be swapped to the pool's host
+tier (swap_out / swap_in below). Not supported yet, refused or turned off
+with a reason: prefix sharing (the manager's prefix cache is off), the
+block-table decode path (flash_attn_with_kvcache),
 tensor parallelism, and async batching (block ids may change between steps
 through compaction, which async batching would race with).
 """
@@ -398,13 +401,53 @@ class ElasticPagedAttentionCache(PagedAttentionCache):
 
     def _fits_now(self, request_id: str, total_tokens: int) -> bool:
         """Whether a request of total_tokens would get its blocks now."""
-        needed = []
+        return self.chunks_to_grow([(request_id, total_tokens)]) <= self.free_chunks()
+
+    def chunks_to_grow(self, growth: list[tuple[str, int]]) -> int:
+        """Chunks the pool must give for each (request, total tokens) to get
+        its blocks, together (free slots of mapped pages counted first). A
+        request the manager does not know counts from nothing."""
+        needed = [0] * len(self.kv.managers)
+        for request_id, total_tokens in growth:
+            for i, m in enumerate(self.kv.managers):
+                if request_id in self.kv.requests:
+                    needed[i] += m.num_new_blocks(request_id, total_tokens)
+                else:
+                    needed[i] += m.end_block(total_tokens) - m.first_needed_block(total_tokens)
+        return self._chunks_short(needed)
+
+    def swap_out_bytes(self, request_id: str) -> int:
+        """Bytes swap_out would move now, which are the device bytes it frees:
+        the chunks only this request's blocks use (a chunk shared with another
+        request's blocks stays resident, as the manager's swap_out does)."""
+        if request_id not in self.kv.requests:
+            return 0
+        chunks = 0
         for m in self.kv.managers:
-            if request_id in self.kv.requests:
-                needed.append(m.num_new_blocks(request_id, total_tokens))
-            else:
-                needed.append(m.end_block(total_tokens) - m.first_needed_block(total_tokens))
-        return self._chunks_short(needed) <= self.free_chunks()
+            mine = [b for b in m.req_blocks.get(request_id, []) if b is not None and m.pool.ref[b] == 1]
+            chunks += len(m.pool.swappable_chunks(mine))
+        return chunks * self.kv.layout.chunk_bytes
+
+    # -- swap to the pool's host tier (the SLO-aware scheduler's preemption) ----------------
+
+    def swap_out(self, request_id: str) -> int:
+        """Moves a request's KV to the pool's host tier and waits for the
+        copies; its block ids and its length stay. Returns the bytes moved.
+        OutOfMemoryError (nothing moved) when the host tier has no room."""
+        self._check_open()
+        holder = self._lookbacks.pop(request_id, None)
+        if holder is not None:
+            self.kv.free(holder)
+        moved = self.kv.swap_out(request_id)
+        self.kv.wait_swap(request_id)
+        return moved
+
+    def swap_in(self, request_id: str) -> None:
+        """Brings a swapped-out request back, bit-exact, before the next forward."""
+        self._check_open()
+        self.kv.swap_in(request_id)
+        self.kv.wait_swap(request_id)
+        self._order_copies()
 
     def _chunks_short(self, blocks_per_group: list[int]) -> int:
         return sum(bp.chunks_needed(n) for n, bp in zip(blocks_per_group, self.kv.pools) if n > 0)
