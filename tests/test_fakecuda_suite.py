@@ -37,6 +37,7 @@ FILES = [
     "test_swap_space.py",
     "test_kv_swap_table.py",
     "test_kv_demotion.py",
+    "test_kv_state_update.py",
     "test_hf_cache.py",
     "test_hf_offload.py",
 ]

@@ -37,10 +37,17 @@ requests are neither extended nor forked (the rules check that refusal);
 their bytes are checked once they are back. The ledger invariant covers both
 tiers: each space's host owner holds exactly its swapped pages, and nothing
 is left in the host tier at teardown.
+
+Out-of-place state updates (state_update="out_of_place"): the Mamba state
+is written as a step would, read from state_source() (or the table's block)
+and written to the table's block; the rules check the block read holds the
+state before the step, and the invariants that it stays intact until the
+request's next call, whatever the other rules do meanwhile.
 """
 from __future__ import annotations
 
 import ctypes
+import os
 
 import torch
 from hypothesis import HealthCheck, settings
@@ -108,6 +115,7 @@ class Req:
         self.tokens = list(tokens)  # tokens with a KV slot (num_tokens of them)
         self.seed = seed
         self.ph = _prefix_hashes(self.tokens, seed)
+        self.read_len = 0  # tokens the state in its state_source block covers
 
     def extend(self, toks: list[int]) -> None:
         h = self.ph[-1] if self.ph else self.seed
@@ -122,13 +130,16 @@ class KVMachine(RuleBasedStateMachine):
     model = MODEL
     budget = "32MiB"
     max_cached_fraction = 0.5  # trims the prefix cache as blocks are released
+    state_update = "copy"
+    state_checkpoint_tokens = None  # the manager's default
 
     def __init__(self):
         super().__init__()
         self.pool = Pool("cpu", budget=self.budget, cpu_budget=self.budget)
         self.chunk = self.pool.stats()["chunk_bytes"]
         self.mgr = KVCacheManager(self.model, self.pool, block_size=BS,
-                                  max_cached_fraction=self.max_cached_fraction)
+                                  max_cached_fraction=self.max_cached_fraction, state_update=self.state_update,
+                                  state_checkpoint_tokens=self.state_checkpoint_tokens)
         self.reqs: dict[str, Req] = {}
         self.arena: dict[int, tuple[int, int]] = {}  # ptr -> (size, tag)
         self.counter = 0
@@ -137,7 +148,8 @@ class KVMachine(RuleBasedStateMachine):
     # ---- writing the model's data ------------------------------------------------
 
     def _write(self, rid: str, lo: int, hi: int) -> None:
-        """Writes positions [lo, hi) of every token layer and the Mamba states."""
+        """Writes positions [lo, hi) of every token layer and the Mamba states
+        (the state covered `lo` tokens before)."""
         r = self.reqs[rid]
         for layer in TOKEN_LAYERS:
             bt = self.mgr.block_table(rid, layer)
@@ -151,13 +163,24 @@ class KVMachine(RuleBasedStateMachine):
                 # Sample spots of each token's [heads, dim] slice: first and last dim of every head.
                 for d in SPOT_DIMS:
                     t[b_idx, s_idx, :, d] = vals[:, None].expand(-1, t.shape[2])
-        self._write_states(rid)
+        self._write_states(rid, lo)
 
-    def _write_states(self, rid: str) -> None:
+    def _write_states(self, rid: str, before: int) -> None:
+        """A step of the Mamba layer: the state of `before` tokens, read from
+        state_source() or else the table's block, becomes the state of all."""
         r = self.reqs[rid]
         n = len(r.tokens)
         (states,) = self.mgr.layer_tensors(MAMBA_LAYER)
-        for i, b in enumerate(self.mgr.block_table(rid, MAMBA_LAYER)):
+        bt = self.mgr.block_table(rid, MAMBA_LAYER)
+        source = self.mgr.state_source(rid, MAMBA_LAYER)
+        if self.state_update == "copy":
+            assert source is None, "a state to read elsewhere in copy mode"
+        if before:
+            src = bt[(n - 1) // BS] if source is None else source
+            want = torch.tensor([r.ph[before - 1]], dtype=torch.int64).view(torch.uint8)
+            assert torch.equal(states[src, :8], want), f"{rid}: the step would read a wrong state"
+        r.read_len = before
+        for i, b in enumerate(bt):
             if b is None or n == 0:
                 continue
             end = min(n, (i + 1) * BS)
@@ -444,6 +467,10 @@ class KVMachine(RuleBasedStateMachine):
                     g = (k, v)[kv][..., SPOT_DIMS]
                     assert torch.equal(g, exp[:, None, None].expand_as(g)), \
                         f"{rid} layer {layer} kv {kv}: gather() differs"
+            source = self.mgr.state_source(rid, MAMBA_LAYER)
+            if source is not None:  # held until the request's next call: nothing may have touched it
+                want = torch.tensor([r.ph[r.read_len - 1]], dtype=torch.int64).view(torch.uint8)
+                assert torch.equal(states[source, :8], want), f"{rid}: the state to read was overwritten"
             if n:
                 bt = self.mgr.block_table(rid, MAMBA_LAYER)
                 assert len(bt) > (n - 1) // BS and bt[(n - 1) // BS] is not None, f"{rid}: no current Mamba state"
@@ -512,6 +539,26 @@ class WholeChunkKVMachine(KVMachine):
     budget = "64MiB"
 
 
+class OutOfPlaceKVMachine(KVMachine):
+    state_update = "out_of_place"
+    state_checkpoint_tokens = BS  # every boundary saved: many steps read an old block
+
+    @precondition(lambda self: self.reqs)
+    @rule(data=st.data(), steps=st.integers(1, 20))
+    def decode(self, data, steps):
+        """Token by token, as decoding goes: steps stop on block boundaries,
+        where states are saved, so the next step reads from the saved block."""
+        rid = data.draw(st.sampled_from(sorted(self.reqs)))
+        for _ in range(steps):
+            if self.mgr.is_swapped_out(rid):
+                return
+            n = len(self.reqs[rid].tokens)
+            if not self.mgr.allocate_slots(rid, 1, new_token_ids=[n % 10]):
+                return
+            self.reqs[rid].extend([n % 10])
+            self._write(rid, n, n + 1)
+
+
 def _run(machine, mem, examples):
     machine.mem = mem
     threads = torch.get_num_threads()
@@ -519,7 +566,8 @@ def _run(machine, mem, examples):
     try:
         run_state_machine_as_test(
             machine,
-            settings=settings(max_examples=examples, stateful_step_count=50, deadline=None,
+            settings=settings(max_examples=int(os.environ.get("ELLM_STATEFUL_EXAMPLES", examples)),
+                              stateful_step_count=50, deadline=None,
                               suppress_health_check=[HealthCheck.too_slow]),
         )
     finally:
@@ -539,3 +587,9 @@ def test_kv_manager_stateful_straddling_blocks(mem):
 def test_kv_manager_stateful_swap(mem):
     """Blocks of whole chunks: swap_out and swap_in move most of a request."""
     _run(WholeChunkKVMachine, mem, 50)
+
+
+def test_kv_manager_stateful_out_of_place_states(mem):
+    """States updated out of place: every step reads the state it should,
+    and the block it reads stays intact until the request's next call."""
+    _run(OutOfPlaceKVMachine, mem, 40)

@@ -28,11 +28,13 @@ from ..pool import Pool
 from .block_pool import GroupBlockPool, NoFreeBlocks, PageReclaimed
 from .layout import KVGroup, PageLayout, plan_layout
 from .single_type import MANAGER_FOR_KIND, MambaManager, SingleTypeManager
+from .space import PageSpace
+from .spec import ModelKVSpec
 
 #: Default tokens between saved recurrent states (see KVCacheManager).
 DEFAULT_STATE_CHECKPOINT_TOKENS = 512
-from .space import PageSpace
-from .spec import ModelKVSpec
+#: How the model's kernels update a recurrent state (see KVCacheManager).
+STATE_UPDATES = ("copy", "out_of_place")
 
 
 def chain_hashes(token_ids: list[int], block_size: int, extra_keys: tuple = (), start: int = 0,
@@ -86,6 +88,7 @@ class KVCacheManager:
         compact: bool = True,
         state_checkpoint_tokens: int | None = None,
         demote_to_host: bool = True,
+        state_update: str = "copy",
     ):
         """compact: when freeing leaves large pages sparsely used, move live
         blocks together so their chunks return to the pool (block ids of
@@ -101,6 +104,16 @@ class KVCacheManager:
         first block boundary after the prompt; in between it is updated in
         place (see MambaManager). A positive multiple of block_size; by
         default DEFAULT_STATE_CHECKPOINT_TOKENS rounded up to one.
+
+        state_update: how the model updates a recurrent state when a request
+        crosses a checkpoint (its state gets a fresh block, the old block
+        stays cached as the checkpoint). "copy" (for kernels that update a
+        state in place, such as transformers' models): allocate_slots()
+        copies the state into the fresh block. "out_of_place" (for kernels
+        that read the state from one block and write it to another, as
+        serving engines with Mamba prefix caching do): nothing is copied;
+        state_source() names the block the step reads, and the block table
+        the block it writes.
 
         demote_to_host: with prefix caching on and a host tier in the pool
         (its cpu_budget), cached blocks taken off the device are demoted to
@@ -119,6 +132,10 @@ class KVCacheManager:
             raise ValueError(f"state_checkpoint_tokens must be a positive multiple of block_size={block_size}, "
                              f"got {state_checkpoint_tokens!r}")
         self.state_checkpoint_tokens = state_checkpoint_tokens
+        if state_update not in STATE_UPDATES:
+            raise ValueError(f"state_update must be one of {', '.join(map(repr, STATE_UPDATES))}, "
+                             f"got {state_update!r}")
+        self.state_update = state_update
         self.enable_prefix_caching = enable_prefix_caching
         self.max_cached_fraction = max_cached_fraction
         # Swapped-out requests and demoted blocks keep their addresses: the
@@ -138,9 +155,11 @@ class KVCacheManager:
             self.spaces.append(space)
             self.pools.append(bp)
             if g.kind == "mamba":
-                self.managers.append(MambaManager(g, bp, state_checkpoint_tokens // block_size))
+                self.managers.append(MambaManager(g, bp, state_checkpoint_tokens // block_size,
+                                                  out_of_place=state_update == "out_of_place"))
             else:
                 self.managers.append(MANAGER_FOR_KIND[g.kind](g, bp))
+        self._out_of_place = [m for m in self.managers if isinstance(m, MambaManager) and m.out_of_place]
         self.static = static_shares is not None
         self.compact_enabled = compact
         self.stats_blocks_moved = 0
@@ -215,15 +234,16 @@ class KVCacheManager:
     def allocate_slots(self, request_id: str, num_new_tokens: int, new_token_ids: list[int] | None = None,
                        stream: int = 0) -> bool:
         """Gives the request KV slots for num_new_tokens more tokens; False (and
-        nothing changed) when memory is short. New token ids (decode output)
-        extend the request's tokens for prefix hashing."""
+        no slot taken) when memory is short. New token ids (decode output)
+        extend the request's tokens for prefix hashing. Either way the blocks
+        its last step read states from (state_source) are let go first."""
         if num_new_tokens < 0:
             raise ValueError(f"num_new_tokens must be >= 0, got {num_new_tokens}")
         self._check_capacity(request_id, num_new_tokens)
         st = self._state(request_id)
         self._require_resident(st, "allocate slots for", stream)
         self.sync()
-        released = 0
+        released = self._release_read_blocks(request_id, stream)
         total = st.num_tokens + num_new_tokens
         taken: list[tuple[GroupBlockPool, list[int], SingleTypeManager]] = []
         try:
@@ -257,6 +277,7 @@ class KVCacheManager:
         prompt_blocks = st.prompt_len // self.block_size
         if st.swap == SWAP_IN:  # its chunks may still be landing: they are resident to drop
             self._require_resident(st, "free", stream)
+        self._release_read_blocks(request_id, stream)
         for m in self.managers:
             m.free(request_id, prompt_blocks, stream)
         del self.requests[request_id]
@@ -276,6 +297,7 @@ class KVCacheManager:
         if child_id in self.requests:
             raise ValueError(f"request {child_id!r} is already known")
         self._require_resident(parent, "fork")
+        self._release_read_blocks(parent_id)
         self.sync()
         n = parent.num_tokens
         full = n // self.block_size
@@ -342,9 +364,16 @@ class KVCacheManager:
                 for i, b in enumerate(blocks):
                     if b in new_id:
                         blocks[i] = new_id[b]
+            for rid, b in m.read_blocks.items():
+                m.read_blocks[rid] = new_id.get(b, b)
             moved += len(new_id)
         self.stats_blocks_moved += moved
         return moved
+
+    def _release_read_blocks(self, request_id: str, stream: int = 0) -> int:
+        """The request's next call: its last step has read its state, so the
+        blocks it read from (see state_source) are let go; returns how many."""
+        return sum(m.release_read_block(request_id, stream) for m in self._out_of_place)
 
     def _drop_request_blocks(self, request_id: str) -> None:
         for m in self.managers:
@@ -396,6 +425,7 @@ class KVCacheManager:
         if st.swap == SWAP_OUT:
             raise ValueError(f"request {request_id!r} is swapped out already; swap_out() takes a resident request")
         self._require_resident(st, "swap out", stream)  # a swap-in under way lands first
+        self._release_read_blocks(request_id, stream)
         self.sync()
         plan = []
         for m in self.managers:
@@ -564,7 +594,7 @@ class KVCacheManager:
         """Holders beyond the first of each shared block, among the requests
         counted above (a swapped-out one's tokens are not)."""
         if not swapped:
-            return bp.extra_holders()
+            return bp.extra_holders() - KVCacheManager._read_holds_among_extra(bp, m)
         holders: dict[int, int] = {}
         for rid, blocks in m.req_blocks.items():
             if rid not in swapped:
@@ -572,6 +602,16 @@ class KVCacheManager:
                     if b is not None and b in bp.shared:
                         holders[b] = holders.get(b, 0) + 1
         return sum(n - 1 for n in holders.values() if n > 1)
+
+    @staticmethod
+    def _read_holds_among_extra(bp: GroupBlockPool, m: SingleTypeManager) -> int:
+        """How many of bp.extra_holders() are holds for reading a state (see
+        state_source): those are not holders counted by live_bytes_needed."""
+        reads: dict[int, int] = {}
+        for b in m.read_blocks.values():
+            reads[b] = reads.get(b, 0) + 1
+        # Of a block's ref holders, `r` are reads: extra_holders counted ref - 1, the tables' extra is ref - r - 1.
+        return sum(max(bp.ref[b] - 1, 0) - max(bp.ref[b] - r - 1, 0) for b, r in reads.items())
 
     def mapped_bytes(self) -> int:
         """Bytes held for the KV cache: mapped chunks, or the whole partition when static."""
@@ -600,6 +640,7 @@ class KVCacheManager:
                 "maps": space.stats()["maps"],
                 "unmaps": space.stats()["unmaps"],
                 "state_bytes_copied": getattr(m, "bytes_copied", 0),
+                "out_of_place_updates": getattr(m, "out_of_place_updates", 0),
                 "swapped_chunks": bp.swapped_chunks,
                 "demoted_blocks": bp.demoted_blocks(),
                 "demoted_chunks": bp.demoted_chunks(),
@@ -616,7 +657,9 @@ class KVCacheManager:
             "blocks_moved_by_compaction": self.stats_blocks_moved,
             "maps": sum(g["maps"] for g in groups),
             "unmaps": sum(g["unmaps"] for g in groups),
+            "state_update": self.state_update,
             "state_bytes_copied": sum(g["state_bytes_copied"] for g in groups),
+            "out_of_place_updates": sum(g["out_of_place_updates"] for g in groups),
             # Requests' chunks in the host tier (demoted prefix blocks apart).
             "swapped_bytes": sum(g["swapped_chunks"] - g["demoted_chunks"] for g in groups) * self.layout.chunk_bytes,
             "swapped_requests": sum(1 for st in self.requests.values() if st.swap == SWAP_OUT),
@@ -634,6 +677,20 @@ class KVCacheManager:
         """The request's block ids in the layer's group (None: out of window)."""
         self._state(request_id)
         return list(self.managers[self.layer_group[layer].group_id].req_blocks.get(request_id, []))
+
+    def state_source(self, request_id: str, layer: int) -> int | None:
+        """With state_update="out_of_place": the block this step reads the
+        layer's recurrent state from, when it is not the block it writes (the
+        block table's last block). That is so after an allocate_slots() that
+        crossed a checkpoint, or that moved the state off a block shared with
+        others (a prefix hit, a fork): the new state goes to a fresh block and
+        the old block keeps the state it holds. None when the state is read
+        and written in place, and always for attention layers and in "copy"
+        mode. The block is held for the request until its next call
+        (allocate_slots, free, swap_out or fork), so the step must read it
+        before then; like block table ids, compaction may change its id."""
+        self._state(request_id)
+        return self.managers[self.layer_group[layer].group_id].read_blocks.get(request_id)
 
     def layer_tensors(self, layer: int) -> tuple[torch.Tensor, ...]:
         """Per-layer tensors over the group's range, indexed by block id:
@@ -706,6 +763,9 @@ class KVCacheManager:
                 for b in blocks:
                     if b is not None:
                         holders[b] = holders.get(b, 0) + 1
+            for rid, b in m.read_blocks.items():
+                assert rid in self.requests and self.requests[rid].swap is None, f"read block held for {rid}"
+                holders[b] = holders.get(b, 0) + 1
             for b, n in holders.items():
                 assert bp.ref[b] == n, f"group {m.group.group_id} block {b}: ref {bp.ref[b]}, held {n}"
             assert sum(1 for r in bp.ref if r) == len(holders)

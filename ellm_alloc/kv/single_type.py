@@ -3,7 +3,9 @@ drop as tokens advance, what a prefix-cache hit of L blocks requires, and
 how much each cached block is worth keeping.
 
 Every manager keeps, per request, a positional list of block ids: entry i
-covers tokens [i*bs, (i+1)*bs), or None once it is out of the window.
+covers tokens [i*bs, (i+1)*bs), or None once it is out of the window. A
+Mamba manager updating states out of place also holds, per request, the
+block its current step reads the state from (`read_blocks`).
 """
 from __future__ import annotations
 
@@ -21,6 +23,9 @@ class SingleTypeManager:
         self.req_blocks: dict[str, list[int | None]] = {}
         self.num_cached: dict[str, int] = {}  # leading blocks already offered to the prefix cache
         self.released_upto: dict[str, int] = {}  # blocks below this index were released
+        # Request -> the block its step reads its state from, held for it
+        # outside its table until its next call (see MambaManager).
+        self.read_blocks: dict[str, int] = {}
 
     # -- what a request needs -----------------------------------------------------
 
@@ -68,6 +73,16 @@ class SingleTypeManager:
         if end > start:
             self.released_upto[request_id] = end
         return n
+
+    def release_read_block(self, request_id: str, stream: int = 0) -> int:
+        """Drops the request's hold on the block its last step read its state
+        from; returns the blocks released (0 or 1). It goes as the state's old
+        block would have gone without the hold: cached if it is a checkpoint."""
+        b = self.read_blocks.pop(request_id, None)
+        if b is None:
+            return 0
+        self.pool.release(b, EVICT_OUT_OF_WINDOW, stream)
+        return 1
 
     # -- prefix caching --------------------------------------------------------------
 
@@ -140,20 +155,35 @@ class MambaManager(SingleTypeManager):
     Checkpoints. The state is saved for the prefix cache only at chosen block
     boundaries: the first boundary at or after the end of the prompt (what a
     follow-up turn, which extends this prompt and its output, hits) and every
-    `checkpoint_blocks` blocks. When a request crosses a checkpoint, allocate()
-    copies the state into a fresh block (stream-ordered on CUDA) and the old
-    block, holding the state at the checkpoint, stays cached. Between
-    checkpoints the state's block just moves to the new position, uncached:
-    no copy, no map, no unmap, whatever the state's size. A hit of L blocks
-    needs the state saved at the end of block L-1, so hits land only on
-    checkpoints. An old block that someone else holds (a fork, a prefix hit
-    not yet moved past) is copied too, as it must stay as it is."""
+    `checkpoint_blocks` blocks. When a request crosses a checkpoint it gets a
+    fresh block for its state and the old block, holding the state at the
+    checkpoint, stays cached. Between checkpoints the state's block just
+    moves to the new position, uncached: no copy, no map, no unmap, whatever
+    the state's size. A hit of L blocks needs the state saved at the end of
+    block L-1, so hits land only on checkpoints. An old block that someone
+    else holds (a fork, a prefix hit not yet moved past) must stay as it is,
+    so it is left behind the same way.
 
-    def __init__(self, group: KVGroup, pool: GroupBlockPool, checkpoint_blocks: int = 1):
+    How the state reaches the fresh block depends on the model's kernels:
+
+    * copy (out_of_place=False): allocate() copies it from the old block
+      (stream-ordered on CUDA), for kernels that update a state in place;
+    * out of place: nothing is copied. The request's hold on the old block
+      passes from its table to `read_blocks`: its next step reads the state
+      from there and writes the new one into the fresh block (kernels that
+      take a read and a write state index). Held, the old block cannot be
+      evicted and reused by another request's allocation before the step has
+      read it; the hold is dropped at the request's next call.
+    """
+
+    def __init__(self, group: KVGroup, pool: GroupBlockPool, checkpoint_blocks: int = 1,
+                 out_of_place: bool = False):
         super().__init__(group, pool)
         self.checkpoint_blocks = checkpoint_blocks
+        self.out_of_place = out_of_place
         self.prompt_len: dict[str, int] = {}
         self.bytes_copied = 0  # state bytes copied at checkpoints (and for shared blocks)
+        self.out_of_place_updates = 0  # steps told to read the state from an old block instead
 
     def start_request(self, request_id: str, prompt_len: int) -> None:
         self.prompt_len[request_id] = prompt_len
@@ -208,7 +238,7 @@ class MambaManager(SingleTypeManager):
         last = self._last_held(blocks)
         blocks.extend([None] * (cur + 1 - len(blocks)))
         blocks[cur] = new
-        if last is not None:  # the state moves on; remove_skipped then releases the old block
+        if last is not None and not self.out_of_place:  # copying: the state moves on to the fresh block now
             data, step, size = self.pool.space.bytes_view(), self.group.padded_small_bytes, self.group.small_page_bytes
             old = blocks[last]
             data[new * step:new * step + size].copy_(data[old * step:old * step + size])
@@ -222,7 +252,20 @@ class MambaManager(SingleTypeManager):
             last = self._last_held(blocks)
             blocks.extend([None] * (cur + 1 - len(blocks)))
             blocks[cur], blocks[last] = blocks[last], None
+        elif self.out_of_place:
+            self._hold_for_reading(request_id, blocks, cur)
         return super().remove_skipped(request_id, num_tokens, stream)
+
+    def _hold_for_reading(self, request_id: str, blocks: list[int | None], cur: int) -> None:
+        """After allocate() gave the state a fresh block at cur, the old one
+        below it becomes the block this step reads: the request's hold on it
+        moves from its table to read_blocks. Blocks below released_upto are
+        gone already, so a decode step scans none."""
+        for i in range(cur - 1, self.released_upto.get(request_id, 0) - 1, -1):
+            if blocks[i] is not None:
+                self.read_blocks[request_id], blocks[i] = blocks[i], None
+                self.out_of_place_updates += 1
+                return
 
     def hit_valid(self, hashes: list[int], num_blocks: int) -> bool:
         return num_blocks == 0 or self.pool.lookup(hashes[num_blocks - 1]) is not None
