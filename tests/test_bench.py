@@ -198,6 +198,37 @@ def test_kv_bench_swap_column_swaps_preempted_requests_instead_of_recomputing(tm
     assert swap["swapped_out_bytes"] >= swap["swap_outs"] * 2 * MiB  # whole chunks move
 
 
+def test_kv_bench_state_update_modes_differ_only_in_copies(tmp_path, capsys):
+    """A hybrid model, whose requests each cross their prompt's state
+    checkpoint: out of place (the default) reads each saved state where it is
+    and copies nothing; --state-update copy copies one state per crossing.
+    Hits and steps are the same, and so are maps and unmaps with states this
+    small (a block held one step longer maps nothing); the report names the
+    mode."""
+    from ellm_alloc.kv import FullAttentionSpec, MambaSpec, ModelKVSpec
+
+    model = ModelKVSpec("hybrid", [FullAttentionSpec(kv_heads=8, head_dim=128, dtype="float32"),
+                                   MambaSpec(dtype="float32", conv_shape=(4, 64), ssm_shape=(16, 64))] * 2)
+    spec = tmp_path / "hybrid.json"
+    model.to_json(spec)
+    runs = {}
+    for mode in ("out-of-place", "copy"):
+        args = ["kv", "--spec", str(spec), "--workload", str(_tiny_workload(tmp_path)), "--budget", "256MiB",
+                "--allocators", "ellm", "--json"]
+        assert bench.main(args + (["--state-update", mode] if mode == "copy" else [])) == 0
+        out = capsys.readouterr().out
+        assert f"state update {mode}" in out
+        r = json.loads(out.strip().splitlines()[-1])
+        assert r["state_update"] == mode.replace("-", "_")
+        runs[mode] = r["results"][0]
+    oop, copied = runs["out-of-place"], runs["copy"]
+    state = 2 * (4 + 16) * 64 * 4  # both Mamba layers
+    assert oop["state_bytes_copied"] == 0 and oop["out_of_place_updates"] >= 12
+    assert copied["out_of_place_updates"] == 0 and copied["state_bytes_copied"] == oop["out_of_place_updates"] * state
+    for key in ("prefix_hit_rate", "steps", "maps", "unmaps"):
+        assert oop[key] == copied[key], key
+
+
 def test_kv_bench_cli_refuses_an_unknown_allocator(tmp_path, capsys):
     assert bench.main(["kv", "--model", "llama3-8b", "--workload", str(_tiny_workload(tmp_path)),
                        "--budget", "1GiB", "--allocators", "ellm,vllm"]) == 2

@@ -180,6 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     kp.add_argument("--block-size", type=int, default=16)
     kp.add_argument("--state-checkpoint-tokens", type=int,
                     help="tokens between saved recurrent states (default: the KV manager's, 512)")
+    kp.add_argument("--state-update", choices=["out-of-place", "copy"], default="out-of-place",
+                    help="how recurrent states reach a fresh block at a checkpoint: read from the old block "
+                         "and written to the new one by the kernel (default, as serving engines do), or "
+                         "copied (kernels that update a state in place)")
     kp.add_argument("--max-cached-fraction", type=float,
                     help="cached prefix blocks kept, as a fraction of live blocks (default: the KV "
                          "manager's, 0.02; inf keeps them until memory is short)")
@@ -262,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
             for w in workloads:
                 r = kvbench.run(model, w, budget, args.block_size,
                                 state_checkpoint_tokens=args.state_checkpoint_tokens,
-                                max_cached_fraction=args.max_cached_fraction, allocators=allocators)
+                                max_cached_fraction=args.max_cached_fraction, allocators=allocators,
+                                state_update=args.state_update.replace("-", "_"))
                 kvbench.print_report(r)
                 reports.append(r)
         except (ValueError, OSError) as e:

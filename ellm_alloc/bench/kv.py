@@ -18,6 +18,13 @@ on a fresh host pool with the same budget:
                per running request: without that margin it would be the
                next step's victim again, and swaps would ping-pong
 
+Recurrent states (Mamba / linear-attention layers) are updated out of place
+by default, as a serving engine's state-index kernels do: a request crossing
+a state checkpoint reads its state from the checkpoint's block and writes it
+to a fresh one, so nothing is copied. --state-update copy models kernels that
+update a state in place (transformers' models): the state is copied into the
+fresh block, and those bytes are counted.
+
 Figures per allocator: KV utilisation (bytes the live tokens need / bytes
 held for KV) averaged over steps and at the step of peak need; the peak
 number of concurrent requests; the prefix-cache hit rate (cached prompt
@@ -185,9 +192,13 @@ def default_budget(model, items: list[WorkItem], block_size: int = 16) -> int:
 ALLOCATORS = ("ellm", "ellm+swap", "max-page", "static")
 
 
+#: The engine the bench models updates recurrent states out of place (see the top).
+DEFAULT_STATE_UPDATE = "out_of_place"
+
+
 def run_one(model, items: list[WorkItem], budget: int, mode: str, block_size: int = 16,
             progress: bool = False, state_checkpoint_tokens: int | None = None,
-            max_cached_fraction: float | None = None) -> dict:
+            max_cached_fraction: float | None = None, state_update: str = DEFAULT_STATE_UPDATE) -> dict:
     from ..errors import OutOfMemoryError
     from ..kv.manager import KVCacheManager
 
@@ -201,7 +212,7 @@ def run_one(model, items: list[WorkItem], budget: int, mode: str, block_size: in
     if max_cached_fraction is not None:
         kwargs["max_cached_fraction"] = max_cached_fraction
     mgr = KVCacheManager(model, pool, block_size=block_size, name=f"kv.{mode}",
-                         state_checkpoint_tokens=state_checkpoint_tokens, **kwargs)
+                         state_checkpoint_tokens=state_checkpoint_tokens, state_update=state_update, **kwargs)
     # Each request brings its own image: that changes the KV of every layer
     # after a cross-attention layer, so only such models hash it in.
     per_request_keys = any(s.kind == "cross" for s in model.layers)
@@ -319,6 +330,7 @@ def run_one(model, items: list[WorkItem], budget: int, mode: str, block_size: in
         # The costs of keeping recurrent states: bytes copied at checkpoints,
         # and every chunk map / unmap of the run (all groups).
         "state_bytes_copied": usage["state_bytes_copied"],
+        "out_of_place_updates": usage["out_of_place_updates"],
         "maps": usage["maps"],
         "unmaps": usage["unmaps"],
         "state_checkpoint_tokens": mgr.state_checkpoint_tokens,
@@ -328,7 +340,8 @@ def run_one(model, items: list[WorkItem], budget: int, mode: str, block_size: in
 
 def run(model, workload_path: str | Path, budget: int | None = None, block_size: int = 16,
         progress: bool = True, state_checkpoint_tokens: int | None = None,
-        max_cached_fraction: float | None = None, allocators: tuple[str, ...] = ALLOCATORS) -> dict:
+        max_cached_fraction: float | None = None, allocators: tuple[str, ...] = ALLOCATORS,
+        state_update: str = DEFAULT_STATE_UPDATE) -> dict:
     """`budget` None: default_budget() for this model and workload."""
     name, items = load_workload(workload_path)
     budget_source = "given"
@@ -347,7 +360,7 @@ def run(model, workload_path: str | Path, budget: int | None = None, block_size:
         for mode in allocators:
             try:
                 results.append(run_one(model, items, budget, mode, block_size, progress, state_checkpoint_tokens,
-                                       max_cached_fraction))
+                                       max_cached_fraction, state_update))
             except ValueError as e:  # some request of the workload does not fit the budget at all
                 results.append({"allocator": mode, "error": str(e)})
     finally:
@@ -360,6 +373,7 @@ def run(model, workload_path: str | Path, budget: int | None = None, block_size:
         "budget_source": budget_source,
         "block_size": block_size,
         "max_cached_fraction": max_cached_fraction,
+        "state_update": state_update,
         "results": results,
     }
 
@@ -367,7 +381,7 @@ def run(model, workload_path: str | Path, budget: int | None = None, block_size:
 def print_report(r: dict) -> None:
     print(f"model {r['model']}, workload {r['workload']} ({r['requests']} requests), "
           f"budget {r['budget_bytes'] / 2**30:.1f} GiB ({r.get('budget_source', 'given')}), "
-          f"block {r['block_size']} tokens")
+          f"block {r['block_size']} tokens, state update {r['state_update'].replace('_', '-')}")
     print(f"  {'allocator':>9} {'util avg':>9} {'util@peak':>9} {'peak reqs':>9} {'hit rate':>8} "
           f"{'preempt':>7} {'recomputed':>10} {'swapped':>9} {'steps':>6} {'copied':>9} {'maps':>8} "
           f"{'unmaps':>8} {'wall s':>7}")
