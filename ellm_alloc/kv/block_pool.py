@@ -149,6 +149,8 @@ class GroupBlockPool:
     def sync(self) -> None:
         """Forgets the cached blocks over chunks the pool reclaimed behind our back."""
         taken = self.space.take_reclaimed()
+        if not taken:  # nearly always
+            return
         for k in taken:  # all first: dropping a block below revisits its other chunks
             assert self.chunk_mapped[k] and not self.chunk_live[k], f"chunk {k}: reclaimed while live or unmapped"
             self.chunk_mapped[k] = 0
@@ -320,7 +322,10 @@ class GroupBlockPool:
         free = self.page_free[page]
         if self.chunks_per_page == 1:
             return free[-1]
-        return min(free, key=lambda s: (len(self._chunks_to_map(page, s)), s))
+        base = page * self.chunks_per_page
+        mapped = self.chunk_mapped[base:base + self.chunks_per_page]  # one slice, then counts in C
+        spans = self.slot_chunks
+        return min(free, key=lambda s: (mapped[spans[s].start:spans[s].stop].count(0), s))
 
     def _take_slot(self, page: int, slot: int | None = None) -> int:
         """Makes a free slot of `page` a live block. On OutOfMemoryError or

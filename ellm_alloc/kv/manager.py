@@ -62,6 +62,7 @@ class RequestState:
     num_tokens: int = 0  # tokens with a KV slot
     prompt_len: int = 0
     hashes: list[int] = field(default_factory=list)
+    offered_blocks: int = 0  # leading full blocks offered to the prefix cache so far
     hit_tokens: int = 0
     # Swap: None (resident), OUT (swapping out or swapped) or IN (swapping in);
     # the chunks of each group in the host tier or on their way back.
@@ -160,11 +161,15 @@ class KVCacheManager:
             else:
                 self.managers.append(MANAGER_FOR_KIND[g.kind](g, bp))
         self._out_of_place = [m for m in self.managers if isinstance(m, MambaManager) and m.out_of_place]
+        self._tokens_that_fit = self._largest_length_that_fits()
         self.static = static_shares is not None
         self.compact_enabled = compact
         self.stats_blocks_moved = 0
         self.requests: dict[str, RequestState] = {}
         self.layer_group = {layer: g for g in self.layout.groups for layer in g.layers}
+        # Per group: its spec, and its layers' bytes per kept token and per request (spec.live_bytes, summed).
+        self._live_bytes_per_group = [(g.spec, g.spec.bytes_per_token() * len(g.layers),
+                                       g.spec.state_bytes() * len(g.layers)) for g in self.layout.groups]
         self._views: dict[int, tuple[torch.Tensor, ...]] = {}
         self.stats_hit_tokens = 0
         self.stats_query_tokens = 0
@@ -255,6 +260,8 @@ class KVCacheManager:
                 for b in blocks:
                     positions[positions.index(b)] = None
                     bp.release(b, None, stream)
+                while positions and positions[-1] is None:  # the table ends at a held block again
+                    positions.pop()
             return False
         if new_token_ids:
             st.token_ids.extend(new_token_ids)
@@ -262,14 +269,23 @@ class KVCacheManager:
         for m in self.managers:
             released += m.remove_skipped(request_id, total, stream)
         if self.enable_prefix_caching:
-            st.hashes = chain_hashes(st.token_ids, self.block_size, st.extra_keys, len(st.hashes), st.hashes)
-            for m in self.managers:
-                m.cache_blocks(request_id, st.hashes, min(total, len(st.token_ids)))
+            self._offer_full_blocks(st)
         if released:
             self._trim_cache(stream)
             if self.compact_enabled:
                 self.compact(min_free_fraction=0.02, stream=stream)
         return True
+
+    def _offer_full_blocks(self, st: RequestState) -> None:
+        """Hashes the request's newly full blocks and offers them to every
+        group's prefix cache; most decode steps fill none and skip both."""
+        if len(st.token_ids) // self.block_size > len(st.hashes):
+            st.hashes = chain_hashes(st.token_ids, self.block_size, st.extra_keys, len(st.hashes), st.hashes)
+        computed = min(st.num_tokens, len(st.token_ids))
+        if computed // self.block_size > st.offered_blocks:
+            for m in self.managers:
+                m.cache_blocks(st.request_id, st.hashes, computed)
+            st.offered_blocks = computed // self.block_size
 
     def free(self, request_id: str, stream: int = 0) -> None:
         """Releases the request's blocks; full ones stay cached (evictable)."""
@@ -397,9 +413,22 @@ class KVCacheManager:
         except KeyError:
             raise KeyError(f"unknown request {request_id!r}") from None
 
+    def _largest_length_that_fits(self) -> int:
+        """A request length up to which every group's KV space surely holds
+        the request (-1 if none): a group needs at most end_block(n) blocks,
+        which grows with n, so a length whose end block fits lets every
+        shorter one fit."""
+        fits = []
+        for m in self.managers:
+            n = m.pool.n_pages * m.pool.ratio * self.block_size
+            fits.append(n if m.end_block(n) <= m.pool.n_pages * m.pool.ratio else -1)
+        return min(fits)
+
     def _check_capacity(self, request_id: str, num_new_tokens: int) -> None:
         st = self._state(request_id)
         total = st.num_tokens + num_new_tokens
+        if total <= self._tokens_that_fit:
+            return
         for m in self.managers:
             blocks = m.end_block(total) - m.first_needed_block(total)
             pages = -(-blocks // m.pool.ratio)
@@ -579,11 +608,12 @@ class KVCacheManager:
         state; cross: fixed), summed over requests, with a block that several
         requests share (a prefix hit, a fork) counted once."""
         total = 0
+        per_group = self._live_bytes_per_group
         for st in self.requests.values():
             if st.swap == SWAP_OUT:  # in the host tier: needs no device memory now
                 continue
-            for g in self.layout.groups:
-                total += g.spec.live_bytes(st.num_tokens) * len(g.layers)
+            for spec, per_token, fixed in per_group:
+                total += spec.tokens_kept(st.num_tokens) * per_token + fixed
         swapped = {rid for rid, st in self.requests.items() if st.swap == SWAP_OUT}
         for g, bp, m in zip(self.layout.groups, self.pools, self.managers):
             total -= self._extra_resident_holders(bp, m, swapped) * g.small_page_bytes
@@ -766,6 +796,9 @@ class KVCacheManager:
             for rid, b in m.read_blocks.items():
                 assert rid in self.requests and self.requests[rid].swap is None, f"read block held for {rid}"
                 holders[b] = holders.get(b, 0) + 1
+            for rid, blocks in m.req_blocks.items():  # what allocate() relies on to scan nothing
+                needed = blocks[m.first_needed_block(self.requests[rid].num_tokens):]
+                assert None not in needed, f"group {m.group.group_id}: {rid}'s table {blocks} has a gap"
             for b, n in holders.items():
                 assert bp.ref[b] == n, f"group {m.group.group_id} block {b}: ref {bp.ref[b]}, held {n}"
             assert sum(1 for r in bp.ref if r) == len(holders)

@@ -3,7 +3,9 @@ drop as tokens advance, what a prefix-cache hit of L blocks requires, and
 how much each cached block is worth keeping.
 
 Every manager keeps, per request, a positional list of block ids: entry i
-covers tokens [i*bs, (i+1)*bs), or None once it is out of the window. A
+covers tokens [i*bs, (i+1)*bs), or None once it is out of the window. Every
+entry from the first needed block to the end of the list is held (the
+manager's check() asserts it), so finding what a step lacks scans nothing. A
 Mamba manager updating states out of place also holds, per request, the
 block its current step reads the state from (`read_blocks`).
 """
@@ -37,21 +39,23 @@ class SingleTypeManager:
         """One past the last block a request of num_tokens needs."""
         return -(-num_tokens // self.bs)
 
+    def _missing(self, blocks: list[int | None], num_tokens: int) -> range:
+        """Indices of the blocks num_tokens needs that the table lacks: past
+        its end, as every entry from the first needed block on is held."""
+        return range(max(self.first_needed_block(num_tokens), len(blocks)), self.end_block(num_tokens))
+
     def num_new_blocks(self, request_id: str, num_tokens: int) -> int:
-        blocks = self.req_blocks.get(request_id, [])
-        start, end = self.first_needed_block(num_tokens), self.end_block(num_tokens)
-        return sum(1 for i in range(start, end) if i >= len(blocks) or blocks[i] is None)
+        return len(self._missing(self.req_blocks.get(request_id, []), num_tokens))
 
     def allocate(self, request_id: str, num_tokens: int) -> list[int]:
         """Allocates the missing blocks for num_tokens (all or nothing); returns them."""
         blocks = self.req_blocks.setdefault(request_id, [])
-        start, end = self.first_needed_block(num_tokens), self.end_block(num_tokens)
-        missing = [i for i in range(start, end) if i >= len(blocks) or blocks[i] is None]
+        missing = self._missing(blocks, num_tokens)
+        if not missing:  # most decode steps
+            return []
         new = self.pool.allocate(request_id, len(missing))
-        if len(blocks) < end:
-            blocks.extend([None] * (end - len(blocks)))
-        for i, b in zip(missing, new):
-            blocks[i] = b
+        blocks.extend([None] * (missing.start - len(blocks)))  # a window that moved past the table's end
+        blocks.extend(new)
         return new
 
     def remove_skipped(self, request_id: str, num_tokens: int, stream: int = 0) -> int:
@@ -133,6 +137,12 @@ class SingleTypeManager:
 class FullAttentionManager(SingleTypeManager):
     """Keeps every token; a hit is the leading run of cached blocks. Prompt
     (prefix) blocks are the last to be evicted."""
+
+    def first_needed_block(self, num_tokens: int) -> int:
+        return 0
+
+    def remove_skipped(self, request_id: str, num_tokens: int, stream: int = 0) -> int:
+        return 0  # nothing falls out of the window
 
     def eviction_priority(self, index: int, prompt_blocks: int) -> int:
         return EVICT_PREFIX if index < prompt_blocks else EVICT_TAIL
@@ -254,7 +264,7 @@ class MambaManager(SingleTypeManager):
             blocks[cur], blocks[last] = blocks[last], None
         elif self.out_of_place:
             self._hold_for_reading(request_id, blocks, cur)
-        return super().remove_skipped(request_id, num_tokens, stream)
+        return self._release_before(request_id, cur, stream)
 
     def _hold_for_reading(self, request_id: str, blocks: list[int | None], cur: int) -> None:
         """After allocate() gave the state a fresh block at cur, the old one

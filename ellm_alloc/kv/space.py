@@ -39,6 +39,7 @@ class PageSpace:
         self.base = N.lib.ellm_kv_base(handle)
         self.owner = N.lib.ellm_kv_owner(handle)
         self._bytes_view: torch.Tensor | None = None
+        self._reclaimed_buf = (ctypes.c_uint32 * 256)()  # reused: the manager asks before every step
 
     @property
     def handle(self) -> int:
@@ -139,8 +140,9 @@ class PageSpace:
         return r
 
     def take_reclaimed(self) -> list[int]:
+        """The pages the pool reclaimed since the last call."""
         out: list[int] = []
-        buf = (ctypes.c_uint32 * 256)()
+        buf = self._reclaimed_buf
         while True:
             n = N.lib.ellm_kv_take_reclaimed(self.handle, buf, 256)
             out.extend(buf[:n])

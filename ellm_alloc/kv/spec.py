@@ -212,6 +212,8 @@ class LayerSpec:
 
 
 def _check_tokens(num_tokens: int) -> None:
+    if type(num_tokens) is int and num_tokens >= 0:  # the usual case, decided before the slower checks
+        return
     if isinstance(num_tokens, bool) or not isinstance(num_tokens, numbers.Integral) or num_tokens < 0:
         raise ValueError(f"num_tokens must be an int >= 0, got {num_tokens!r}")
 
