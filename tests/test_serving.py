@@ -19,7 +19,7 @@ from transformers import (  # noqa: E402
 )
 
 from ellm_alloc import Pool  # noqa: E402
-from ellm_alloc.serving import ElasticServing, RequestTooLargeError, _patches, elastic  # noqa: E402
+from ellm_alloc.serving import SLO, ElasticServing, RequestTooLargeError, _patches, elastic  # noqa: E402
 from ellm_alloc.serving.paged_cache import ElasticPagedAttentionCache  # noqa: E402
 
 MiB = 1 << 20
@@ -277,19 +277,26 @@ _RUN = st.fixed_dictionaries({
     # Request i is cancelled once it holds at least this many tokens (None: never).
     "cancel_at": st.lists(st.one_of(st.none(), st.integers(1, 90)), min_size=6, max_size=6),
     "budget_chunks": st.integers(2, 8),
+    # The SLO-aware scheduler (with a host tier to swap to) or the stock FIFO.
+    "scheduler": st.sampled_from(["fifo", "ellm_slo"]),
+    # At this many room requests the pool's budget grows by this many chunks (None: never).
+    "grow_at": st.one_of(st.none(), st.tuples(st.integers(1, 40), st.integers(1, 4))),
 })
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(run=_RUN)
 def test_the_ledger_balances_at_every_step_of_a_randomised_run(model_and_reference, run):
     """Arrivals of random lengths, cancellations at random points (mid-prefill
-    or mid-decode) and budgets from two to eight chunks: each time the engine
-    asks the cache for room, the pool's ledger balances and the KV manager's
-    invariants hold; every request not cancelled finishes with all its tokens;
-    nothing is held at the end."""
+    or mid-decode), budgets from two to eight chunks that may grow mid-run,
+    and either scheduler (the SLO-aware one swapping to a host tier): each
+    time the engine asks the cache for room, the pool's ledger balances and
+    the KV manager's invariants hold; every request not cancelled finishes
+    with all its tokens; nothing is held at the end, on the device or in
+    the host tier."""
     model, _ = model_and_reference
-    pool = Pool("cpu", budget=f"{2 * run['budget_chunks']}MiB")
+    slo = run["scheduler"] == "ellm_slo"
+    pool = Pool("cpu", budget=f"{2 * run['budget_chunks']}MiB", cpu_budget="16MiB" if slo else 0)
     n = len(run["lens"])
     ids = [f"q{i}" for i in range(n)]
     cancel_at = {rid: c for rid, c in zip(ids, run["cancel_at"]) if c is not None}
@@ -302,6 +309,8 @@ def test_the_ledger_balances_at_every_step_of_a_randomised_run(model_and_referen
         checks["n"] += 1
         pool.validate()
         self.kv.check()
+        if run["grow_at"] is not None and checks["n"] == run["grow_at"][0]:
+            pool.set_budget(f"{2 * (run['budget_chunks'] + run['grow_at'][1])}MiB")
         rid = state.request_id
         if rid in cancel_at and rid not in triggered and state.current_len() >= cancel_at[rid]:
             triggered.add(rid)
@@ -309,10 +318,13 @@ def test_the_ledger_balances_at_every_step_of_a_randomised_run(model_and_referen
         return can_store(self, state, request_len, dry_run)
 
     try:
-        with pytest.MonkeyPatch.context() as mp, elastic(model, pool=pool) as serving:
+        with pytest.MonkeyPatch.context() as mp, elastic(
+                model, pool=pool, slo=SLO(ttft_ms=1000, tpot_ms=100) if slo else None) as serving:
             mp.setattr(ElasticPagedAttentionCache, "can_store_request_tokens", checked)  # this example only
+            config = cb_config()
+            config.scheduler_type = run["scheduler"]
             with model.continuous_batching_context_manager(generation_config=GEN,
-                                                           continuous_batching_config=cb_config()) as manager:
+                                                           continuous_batching_config=config) as manager:
                 manager_of["m"] = manager
                 for rid, prompt, new in zip(ids, prompts(tuple(run["lens"]), seed=3), run["new_tokens"]):
                     manager.add_request(prompt, request_id=rid, max_new_tokens=new)
@@ -332,6 +344,7 @@ def test_the_ledger_balances_at_every_step_of_a_randomised_run(model_and_referen
             assert serving.usage()["requests"] == 0 and not serving.cache._lookbacks
             assert_balanced(pool)
         assert_balanced(pool)
+        assert all(o["held_chunks"] == 0 for o in pool.host_tier()["owners"])
         assert checks["n"] > 0
     finally:
         pool.close()
