@@ -36,7 +36,7 @@ def write(tmp_path, doc, name="trace.json"):
     return str(path)
 
 
-def test_tiny_trace_both_modes_every_field_and_identical_tokens(tmp_path, capsys):
+def test_tiny_trace_all_modes_every_field_and_identical_tokens(tmp_path, capsys):
     png = tmp_path / "timeline.png"
     rc = main(["serve", "--model", "llama3-8b", "--trace", write(tmp_path, TINY), "--budget", "4MiB",
                "--page-size", "16", "--json", "--timeline", str(png)])
@@ -45,7 +45,7 @@ def test_tiny_trace_both_modes_every_field_and_identical_tokens(tmp_path, capsys
     r = json.loads(captured.out.strip().splitlines()[-1])
     assert "elastic: 5/5 requests done" in captured.err  # progress goes to stderr
 
-    assert r["modes_run"] == ["stock", "elastic"]
+    assert r["modes_run"] == ["stock", "elastic", "elastic+slo"]
     assert r["budget_bytes"] == 4 << 20
     assert r["trace"]["requests"] == 5 and r["trace"]["output_tokens"] == 45
     for mode, x in r["results"].items():
@@ -56,20 +56,31 @@ def test_tiny_trace_both_modes_every_field_and_identical_tokens(tmp_path, capsys
         assert 0 <= x["slo_attainment"] <= 1
         assert x["peak_activation_bytes"] is None  # CPU: torch's allocator, not the pool
         assert [q["id"] for q in x["requests"]] == ["r0", "r1", "r2", "r3", "r4"]
-        assert x["preemptions"] >= 1 and x["recomputed_tokens"] > 0  # the budget is tight on purpose
-    stock, el = r["results"]["stock"], r["results"]["elastic"]
+        assert x["preemptions"] >= 1  # the budget is tight on purpose
+    stock, el, slo = r["results"]["stock"], r["results"]["elastic"], r["results"]["elastic+slo"]
+    assert stock["recomputed_tokens"] > 0 and el["recomputed_tokens"] > 0
+    # (c) counts its own decisions; every preemption is a swap or a recompute.
+    d = slo["decisions"]
+    assert slo["preemptions"] == d.get("preempted_swap", 0) + d.get("preempted_recompute", 0)
+    assert slo["offloaded_to_cpu"] == d.get("preempted_swap", 0) == d.get("swapped_in", 0)
+    assert slo["configuration"]["scheduler_type"] == "ellm_slo"
+    assert slo["configuration"]["host_tier_bytes"] == r["budget_bytes"]
     assert STOCK_CONFIG <= set(stock["configuration"])
     offload = stock["configuration"]
     assert offload["cpu_offload_space_gib"] == 0 and "accelerator" in offload["cpu_offload"]
     assert stock["peak_kv_bytes"] == stock["kv_tensor_bytes"] <= r["budget_bytes"]
     assert stock["peak_kv_bytes_in_use"] <= stock["peak_kv_bytes"]
     assert 0 < el["peak_kv_bytes"] <= r["budget_bytes"] and el["kv_maps"] == el["kv_unmaps"] > 0
-    assert set(r["elastic_over_stock"]) == RATIOS
+    assert set(r["elastic_over_stock"]) == RATIOS == set(r["slo_over_stock"])
     # Greedy decoding: the same tokens, request by request, whatever the batches and preemptions.
-    assert r["identical_tokens"] == {"requests": 5, "identical": 5}
-    assert [q["tokens_digest"] for q in stock["requests"]] == [q["tokens_digest"] for q in el["requests"]]
+    assert r["identical_tokens"] == {"requests": 5, "identical": 5, "modes": ["stock", "elastic", "elastic+slo"]}
+    assert ([q["tokens_digest"] for q in stock["requests"]] == [q["tokens_digest"] for q in el["requests"]]
+            == [q["tokens_digest"] for q in slo["requests"]])
     assert r["timeline"]["path"] == str(png) and png.stat().st_size > 0
     assert any(s.startswith("serve.") for s in r["timeline"]["series"])
+    slo_png = tmp_path / "timeline-slo.png"
+    assert r["timeline_slo"]["path"] == str(slo_png) and slo_png.stat().st_size > 0
+    assert "elastic+slo / stock" in captured.out and "elastic+slo decisions" in captured.out
 
 
 @pytest.mark.parametrize("doc, problem", [
@@ -122,3 +133,29 @@ def test_trace_is_replayed_in_arrival_order_and_can_be_cut(tmp_path):
     assert [q.id for q in load_trace(write(tmp_path, doc, "order.json"), max_requests=2)["requests"]] == ["r1", "r2"]
     with pytest.raises(TraceError):
         load_trace(write(tmp_path, "[]", "bad.json"))
+
+
+def test_find_max_batch_reports_the_most_requests_decoding_together(capsys):
+    """Long prompts all at once: each mode reports how many decode together
+    at the budget (room for about four here), and the ratios to stock."""
+    rc = main(["serve", "--model", "llama3-8b", "--find-max-batch", "--prompt-len", "48", "--max-batch-output", "3",
+               "--page-size", "16", "--budget", "4MiB", "--requests", "12", "--json"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    r = json.loads(captured.out.strip().splitlines()[-1])
+    assert r["trace"]["requests"] == 12 and r["trace"]["path"] is None
+    assert set(r["max_batch"]) == {"stock", "elastic", "elastic+slo"}
+    assert all(1 <= n <= 12 for n in r["max_batch"].values())
+    assert set(r["max_batch_over_stock"]) == {"elastic", "elastic+slo"}
+    assert "most requests decoding together" in captured.out
+
+
+@pytest.mark.parametrize("argv, problem", [
+    (["--find-max-batch", "--trace", "x.json"], "no --trace"),
+    (["--prompt-len", "5", "--trace", "x.json"], "go with --find-max-batch"),
+    ([], "--trace is required"),
+    (["--find-max-batch", "--prompt-len", "0"], "--prompt-len"),
+])
+def test_find_max_batch_bad_arguments(argv, problem, capsys):
+    assert main(["serve", "--model", "llama3-8b", *argv]) == 2
+    assert problem in capsys.readouterr().err

@@ -206,13 +206,23 @@ def main(argv: list[str] | None = None) -> int:
     gn.add_argument("--no-progress", action="store_true",
                     help="no progress bar on stderr (it is shown only when stderr is a terminal)")
     gn.add_argument("--json", action="store_true")
-    sv = sub.add_parser("serve", help="a request trace through transformers' continuous batching, stock vs elastic")
+    sv = sub.add_parser("serve", help="a request trace through transformers' continuous batching: stock, "
+                                          "elastic, elastic with the SLO-aware scheduler")
     sv.add_argument("--model", required=True, help="preset name (llama3-8b, gemma3-12b-like, ...)")
-    sv.add_argument("--trace", required=True, help="serving trace JSON (shipped: benchmarks/workloads/serve/)")
+    sv.add_argument("--trace", help="serving trace JSON (shipped: benchmarks/workloads/serve/); not with "
+                                    "--find-max-batch")
+    sv.add_argument("--find-max-batch", action="store_true",
+                    help="instead of a trace: many long prompts at once; the most requests each mode decodes "
+                         "together at the budget")
+    sv.add_argument("--prompt-len", type=int, help="--find-max-batch's prompt length (default 2048)")
+    sv.add_argument("--max-batch-output", type=int, help="--find-max-batch's output tokens per request (default 16)")
+    sv.add_argument("--requests", type=int, help="--find-max-batch's request count (default: twice what the "
+                                                 "budget holds, plus two)")
     sv.add_argument("--budget", help="KV budget of both modes, e.g. 128MiB (default: half of what the whole "
                                      "trace would hold at once, at least twice its longest request)")
     sv.add_argument("--max-requests", type=int, help="replay only the first N requests by arrival")
-    sv.add_argument("--modes", default="stock,elastic", help="comma-separated modes to run (default: %(default)s)")
+    sv.add_argument("--modes", default="stock,elastic,elastic+slo",
+                    help="comma-separated modes to run (default: %(default)s)")
     sv.add_argument("--page-size", type=int, help="tokens per KV block, both modes (default 256)")
     sv.add_argument("--max-batch-tokens", type=int, help="tokens per batch, both modes (default 8192)")
     sv.add_argument("--ttft-ms", type=float, help="TTFT target for SLO attainment (default 2000)")
@@ -221,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     sv.add_argument("--layers", type=int, help="layers of the scaled model (default: one pattern period, or 4)")
     sv.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                     help="default float32 on CPU, bfloat16 on CUDA")
-    sv.add_argument("--timeline", metavar="PNG", help="write the elastic mode's pool timeline here")
+    sv.add_argument("--timeline", metavar="PNG", help="write the elastic mode's pool timeline here "
+                                                      "(elastic+slo's: the same name with -slo)")
     sv.add_argument("--json", action="store_true")
     cr = sub.add_parser("cpu-routing", help="generate() with torch's native CPU allocator vs the pool")
     cr.add_argument("--batch", type=int, default=8)
@@ -302,10 +313,23 @@ def main(argv: list[str] | None = None) -> int:
         try:
             given = {k: getattr(args, k) for k in ("page_size", "max_batch_tokens", "ttft_ms", "tpot_ms", "time_scale")
                      if getattr(args, k) is not None}  # the others: serve.run's defaults
-            r = serve.run(args.model, args.trace, budget=serve.budget_arg(args.budget),
-                          max_requests=args.max_requests, modes=serve.parse_modes(args.modes), layers=args.layers,
-                          dtype=args.dtype, timeline=args.timeline,
-                          progress=lambda m: print(m, file=sys.stderr, flush=True), **given)
+            say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+            if args.find_max_batch:
+                if args.trace or args.max_requests:
+                    raise ValueError("--find-max-batch makes its own requests: no --trace or --max-requests")
+                sizes = {k: getattr(args, a) for k, a in (("prompt_len", "prompt_len"), ("output", "max_batch_output"),
+                                                          ("requests", "requests")) if getattr(args, a) is not None}
+                r = serve.find_max_batch(args.model, budget=serve.budget_arg(args.budget),
+                                         modes=serve.parse_modes(args.modes), layers=args.layers, dtype=args.dtype,
+                                         timeline=args.timeline, progress=say, **sizes, **given)
+            else:
+                if not args.trace:
+                    raise ValueError("--trace is required (or --find-max-batch)")
+                if args.prompt_len or args.max_batch_output or args.requests:
+                    raise ValueError("--prompt-len, --max-batch-output and --requests go with --find-max-batch")
+                r = serve.run(args.model, args.trace, budget=serve.budget_arg(args.budget),
+                              max_requests=args.max_requests, modes=serve.parse_modes(args.modes), layers=args.layers,
+                              dtype=args.dtype, timeline=args.timeline, progress=say, **given)
         except (ValueError, TypeError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

@@ -5,14 +5,17 @@
 
 Modes, run one after the other in one process on the same model:
 
-  stock    transformers' ContinuousBatchingManager as shipped, its paged
-           cache sized for the budget through its own knobs (below).
-  elastic  the same manager after ellm_alloc.serving.elastic(model,
-           budget=...): its paged cache is an ElasticPagedAttentionCache on
-           a pool of that budget; transformers' FIFO scheduler.
-
-(An SLO-aware scheduler on the elastic cache is not built yet; it would be a
-third entry of MODES, a function of the shared Setting like these two.)
+  stock        (a) transformers' ContinuousBatchingManager as shipped, its
+               paged cache sized for the budget through its own knobs
+               (below).
+  elastic      (b) the same manager after ellm_alloc.serving.elastic(model,
+               budget=...): its paged cache is an ElasticPagedAttentionCache
+               on a pool of that budget; transformers' FIFO scheduler.
+  elastic+slo  (c) the elastic cache with the SLO-aware scheduler
+               (serving/scheduler.py) aiming at --ttft-ms / --tpot-ms, and a
+               host tier as large as the budget to swap preempted requests
+               to. Its preemptions, swaps and recomputed tokens are its own
+               decision counts (reported in full under "decisions").
 
 How the stock cache is given the budget. Its paged cache is one tensor of
 (num_sectors + 2) sectors (two trash sectors); `num_blocks` in the
@@ -71,10 +74,10 @@ What is measured, per mode:
     ellm_alloc pool (enable() on a GPU); on CPU torch's own allocator serves
     activations and nothing is measured (null, with the reason).
 
---timeline PNG: the elastic mode's pool ledger over time (ellm_alloc's
+--timeline PNG: each elastic mode's pool ledger over time (ellm_alloc's
 telemetry, sampled at every chunk map / unmap and every step): bytes per KV
-group, the arena (activations, when torch allocates from the pool) and the
-free chunks.
+group, the host tier, the arena (activations, when torch allocates from the
+pool) and the free chunks; elastic+slo's goes to PNG's name with "-slo".
 """
 from __future__ import annotations
 
@@ -98,6 +101,8 @@ from . import generate as gen
 TRACES = Path(__file__).resolve().parents[2] / "benchmarks" / "workloads" / "serve"
 DEFAULT_PAGE_SIZE = 256  # transformers' ContinuousBatchingConfig default
 DEFAULT_MAX_BATCH_TOKENS = 8192  # transformers' default when the config sets none
+DEFAULT_MAX_BATCH_PROMPT = 2048
+DEFAULT_MAX_BATCH_OUTPUT = 16
 DEFAULT_TTFT_MS = 2000.0
 DEFAULT_TPOT_MS = 200.0
 PROMPT_SEED = 1
@@ -228,6 +233,9 @@ class _EngineObserver:
         self.offloaded_to_cpu = 0
         self.recomputed_tokens = 0
         self.peak_kv_bytes = 0
+        self.peak_decoding = 0  # requests decoding together (their prompts prefilled, their KV held)
+        from transformers.generation.continuous_batching.requests import RequestStatus
+
         self._kv_bytes = kv_bytes
         self._on_step = on_step
         prepare = processor.prepare_next_batch
@@ -239,6 +247,8 @@ class _EngineObserver:
             ready = prepare()
             if ready:
                 self.steps += 1
+                decoding = sum(st.status == RequestStatus.DECODING for st in scheduler.active_requests.values())
+                self.peak_decoding = max(self.peak_decoding, decoding)
                 self.peak_kv_bytes = max(self.peak_kv_bytes, self._kv_bytes(processor.cache))
                 if self._on_step is not None:
                     self._on_step()
@@ -400,6 +410,7 @@ def summarize(requests: list[TraceRequest], run: dict, ttft_ms: float, tpot_ms: 
         "preemptions": obs.preemptions,
         "offloaded_to_cpu": obs.offloaded_to_cpu,
         "recomputed_tokens": obs.recomputed_tokens,
+        "peak_concurrent_decoding": obs.peak_decoding,
         "requests": per_request,
     }
 
@@ -443,18 +454,25 @@ class _ActivationReading:
 # ---- the whole comparison -----------------------------------------------------------------------
 
 
+def request_kv_bytes(spec: Any, tokens: int, block_size: int, chunk: int = 2 << 20) -> int:
+    """KV bytes a lone request of `tokens` holds at its largest (sliding layers: their window)."""
+    from ..kv.layout import plan_layout
+    from ..serving.paged_cache import blocks_alone
+
+    return sum(blocks_alone(g, tokens) * g.padded_small_bytes for g in plan_layout(spec, block_size, chunk).groups)
+
+
 def default_budget(spec: Any, requests: list[TraceRequest], block_size: int, chunk: int = 2 << 20) -> int:
     """Half the KV the trace would hold if every request were resident at its
     full length at once (so that arrivals compete for memory), but at least
     what its longest request needs alone plus a trash block per group, in
     whole chunks."""
     from ..kv.layout import plan_layout
-    from ..serving.paged_cache import blocks_alone
 
     layout = plan_layout(spec, block_size, chunk)
 
     def need(tokens: int) -> int:
-        return sum(blocks_alone(g, tokens) * g.padded_small_bytes for g in layout.groups)
+        return request_kv_bytes(spec, tokens, block_size, chunk)
 
     trash = sum(g.padded_small_bytes for g in layout.groups)
     half_all = sum(need(r.prompt + r.output) for r in requests) // 2
@@ -482,11 +500,19 @@ class Setting:
     progress: Callable[[str], None] | None = None
 
     def cb_config(self, **kw: Any) -> Any:
-        """The continuous batching config both engines share, plus `kw`."""
+        """The continuous batching config every engine shares, plus `kw`."""
         from transformers import ContinuousBatchingConfig
 
-        return ContinuousBatchingConfig(page_size=self.page_size, max_batch_tokens=self.max_batch_tokens,
-                                        scheduler_type="fifo", **kw)
+        return ContinuousBatchingConfig(**{"page_size": self.page_size, "max_batch_tokens": self.max_batch_tokens,
+                                           "scheduler_type": "fifo", **kw})
+
+    def timeline_path(self, mode: str) -> str | None:
+        """Where an elastic mode's timeline goes: --timeline for the FIFO
+        one, the same name with '-slo' before the suffix for the SLO-aware one."""
+        if not self.timeline or mode == "elastic":
+            return self.timeline
+        path = Path(self.timeline)
+        return str(path.with_name(f"{path.stem}-slo{path.suffix or '.png'}"))
 
     def replay(self, label: str, config: Any, kv_bytes: Callable[[Any], int], **kw: Any) -> dict:
         return replay(self.model, self.requests, self.prompts, config, label, kv_bytes, time_scale=self.time_scale,
@@ -545,25 +571,43 @@ def stock_mode(s: Setting) -> tuple[dict, dict]:
 
 def elastic_mode(s: Setting) -> tuple[dict, dict]:
     """The same engine after ellm_alloc.serving.elastic(model, budget=...)."""
-    from ..pool import Pool
-    from ..serving import elastic
+    return _elastic(s, slo_aware=False)
 
+
+def elastic_slo_mode(s: Setting) -> tuple[dict, dict]:
+    """The elastic cache with the SLO-aware scheduler, a host tier as large as the budget."""
+    return _elastic(s, slo_aware=True)
+
+
+def _elastic(s: Setting, slo_aware: bool) -> tuple[dict, dict]:
+    from ..pool import Pool
+    from ..serving import SLO, elastic
+
+    label = "elastic+slo" if slo_aware else "elastic"
+    # The SLO-aware scheduler swaps preempted requests to a host tier the
+    # size of the budget, as the stock engine's CPU swap pool is on a GPU.
+    kw: dict[str, Any] = dict(block_size=s.page_size)
+    if slo_aware:
+        kw["slo"] = SLO(ttft_ms=s.ttft_ms, tpot_ms=s.tpot_ms)
+    cpu_budget = s.budget if slo_aware else 0
     if s.model.device.type == "cpu":
-        serving = elastic(s.model, budget=s.budget, block_size=s.page_size)
+        serving = elastic(s.model, budget=s.budget, cpu_budget=cpu_budget or None, **kw)
     else:  # GPU-only path, never run on a GPU in this repository: elastic() takes a pool, not a budget, there
-        serving = elastic(s.model, pool=Pool(str(s.model.device), budget=s.budget), block_size=s.page_size)
+        serving = elastic(s.model, pool=Pool(str(s.model.device), budget=s.budget, cpu_budget=cpu_budget), **kw)
     try:
         for q in s.requests:  # refused here, not inside the generation thread
             serving.check_fits(q.prompt + q.output, request_id=q.id, block_size=s.page_size)
         seen: dict[str, Any] = {}
+        timeline = s.timeline_path(label)
         with contextlib.ExitStack() as stack:
             recorder = None
-            if s.timeline:
+            if timeline:
                 from ..telemetry import record
 
                 recorder = stack.enter_context(record(pool=serving.pool, nvml=False))
             s.activations.start()
-            run_ = s.replay("elastic", s.cb_config(), _elastic_kv_mapped,
+            config = s.cb_config(scheduler_type="ellm_slo") if slo_aware else s.cb_config()
+            run_ = s.replay(label, config, _elastic_kv_mapped,
                             on_processor=lambda processor: seen.update(_resolved(processor)),
                             on_step=None if recorder is None else lambda: recorder.sample("step"))
         chunk = serving.pool.stats()["chunk_bytes"]
@@ -573,10 +617,13 @@ def elastic_mode(s: Setting) -> tuple[dict, dict]:
         # bound for several (their peaks need not coincide).
         by_group = {o["name"]: o["peak_chunks"] * chunk for o in serving.pool.owners() if o["name"] != "arena"}
         r = s.summarize(run_)
+        scheduler = "SLO-aware scheduler (ellm_slo)" if slo_aware else "FIFO scheduler"
         r.update(
-            engine="transformers ContinuousBatchingManager, ellm_alloc ElasticPagedAttentionCache, FIFO scheduler",
+            engine=f"transformers ContinuousBatchingManager, ellm_alloc ElasticPagedAttentionCache, {scheduler}",
             configuration={**seen, "pool_budget_bytes": s.budget, "chunk_bytes": chunk,
-                           "cpu_offload": "none: preempted requests are recomputed",
+                           "host_tier_bytes": cpu_budget,
+                           "cpu_offload": ("preempted requests swapped to the pool's host tier when cheaper than "
+                                           "recomputing" if slo_aware else "none: preempted requests are recomputed"),
                            "attn_implementation": s.model.config._attn_implementation},
             peak_kv_bytes=max(sum(by_group.values()), run_["observer"].peak_kv_bytes),
             peak_kv_bytes_exact=len(by_group) == 1,
@@ -585,11 +632,16 @@ def elastic_mode(s: Setting) -> tuple[dict, dict]:
             kv_maps=serving.usage().get("maps"), kv_unmaps=serving.usage().get("unmaps"),
             peak_activation_bytes=s.activations.peak(),
         )
+        if slo_aware:  # its own preemptions: the engine's offloading manager never runs
+            d = serving.decisions()
+            r.update(decisions=d, preemptions=d.get("preempted_swap", 0) + d.get("preempted_recompute", 0),
+                     offloaded_to_cpu=d.get("preempted_swap", 0), recomputed_tokens=d.get("recomputed_tokens", 0),
+                     swapped_out_bytes=d.get("swapped_out_bytes", 0))
         if recorder is not None:
             from ..plot import plot_timeline
 
-            plot_timeline(recorder, s.timeline, x="time", title=f"bench serve, elastic: {s.title}")
-            r["timeline"] = {"path": str(s.timeline), "samples": len(recorder.samples),
+            plot_timeline(recorder, timeline, x="time", title=f"bench serve, {label}: {s.title}")
+            r["timeline"] = {"path": str(timeline), "samples": len(recorder.samples),
                              "series": recorder.owner_names() + ["free chunks"],
                              "activations": "in the arena series only when torch allocates from the pool "
                                             "(enable()); on CPU they are not in the pool"}
@@ -600,9 +652,23 @@ def elastic_mode(s: Setting) -> tuple[dict, dict]:
     return r, run_["tokens"]
 
 
-#: The engines compared, in the order they run. An elastic mode with an
-#: SLO-aware scheduler is not built yet; it would be one more entry.
-MODES: dict[str, Callable[[Setting], tuple[dict, dict]]] = {"stock": stock_mode, "elastic": elastic_mode}
+#: The engines compared, in the order they run: (a) stock, (b) elastic with
+#: transformers' FIFO scheduler, (c) elastic with the SLO-aware scheduler.
+MODES: dict[str, Callable[[Setting], tuple[dict, dict]]] = {
+    "stock": stock_mode, "elastic": elastic_mode, "elastic+slo": elastic_slo_mode}
+ELASTIC_MODES = ("elastic", "elastic+slo")
+RATIO_KEYS = ("output_tokens_per_s", "ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99", "slo_attainment",
+              "peak_kv_bytes", "peak_kv_bytes_in_use", "preemptions")
+
+
+def _ratios(b: dict, a: dict) -> dict:
+    """Mode b over mode a, figure by figure."""
+    pick = {"output_tokens_per_s": lambda x: x["output_tokens_per_s"],
+            "ttft_p50": lambda x: x["ttft_ms"]["p50"], "ttft_p99": lambda x: x["ttft_ms"]["p99"],
+            "tpot_p50": lambda x: x["tpot_ms"]["p50"], "tpot_p99": lambda x: x["tpot_ms"]["p99"],
+            "slo_attainment": lambda x: x["slo_attainment"], "peak_kv_bytes": lambda x: x["peak_kv_bytes"],
+            "peak_kv_bytes_in_use": lambda x: x["peak_kv_bytes_in_use"], "preemptions": lambda x: x["preemptions"]}
+    return {k: _ratio(pick[k](b), pick[k](a)) for k in RATIO_KEYS}
 
 
 def run(preset: str, trace_path: str, *, budget: int | None = None, max_requests: int | None = None,
@@ -623,8 +689,8 @@ def run(preset: str, trace_path: str, *, budget: int | None = None, max_requests
         raise ValueError(f"--page-size must be >= 4, got {page_size}")
     if max_batch_tokens < 1 or not time_scale > 0 or not ttft_ms > 0 or not tpot_ms > 0:
         raise ValueError("--max-batch-tokens, --time-scale, --ttft-ms and --tpot-ms must be positive")
-    if timeline and "elastic" not in modes:
-        raise ValueError("--timeline draws the elastic mode's pool: include the elastic mode")
+    if timeline and not set(ELASTIC_MODES) & set(modes):
+        raise ValueError(f"--timeline draws an elastic mode's pool: include one of {', '.join(ELASTIC_MODES)}")
     check_transformers()
     say = progress or (lambda msg: None)
     cfg = gen.scaled_config(preset, layers)  # refuses unknown presets and layer kinds CB cannot serve
@@ -699,23 +765,60 @@ def run(preset: str, trace_path: str, *, budget: int | None = None, max_requests
             "preemptions": "requests evicted by transformers' offloading manager (active before, waiting after)",
         },
         "timeline": results.get("elastic", {}).pop("timeline", {"path": None}),
+        "timeline_slo": results.get("elastic+slo", {}).pop("timeline", {"path": None}),
     }
-    if "stock" in results and "elastic" in results:
-        a, b = results["stock"], results["elastic"]
-        out["elastic_over_stock"] = {
-            "output_tokens_per_s": _ratio(b["output_tokens_per_s"], a["output_tokens_per_s"]),
-            "ttft_p50": _ratio(b["ttft_ms"]["p50"], a["ttft_ms"]["p50"]),
-            "ttft_p99": _ratio(b["ttft_ms"]["p99"], a["ttft_ms"]["p99"]),
-            "tpot_p50": _ratio(b["tpot_ms"]["p50"], a["tpot_ms"]["p50"]),
-            "tpot_p99": _ratio(b["tpot_ms"]["p99"], a["tpot_ms"]["p99"]),
-            "slo_attainment": _ratio(b["slo_attainment"], a["slo_attainment"]),
-            "peak_kv_bytes": _ratio(b["peak_kv_bytes"], a["peak_kv_bytes"]),
-            "peak_kv_bytes_in_use": _ratio(b["peak_kv_bytes_in_use"], a["peak_kv_bytes_in_use"]),
-            "preemptions": _ratio(b["preemptions"], a["preemptions"]),
-        }
-        same = sum(tokens["stock"][r.id] == tokens["elastic"][r.id] for r in requests)
-        out["identical_tokens"] = {"requests": len(requests), "identical": same}
+    if "stock" in results:
+        for mode, key in (("elastic", "elastic_over_stock"), ("elastic+slo", "slo_over_stock")):
+            if mode in results:
+                out[key] = _ratios(results[mode], results["stock"])
+    if len(results) > 1:  # greedy decoding: every mode must give every request the same tokens
+        first, *others = list(tokens)
+        same = sum(all(tokens[m][r.id] == tokens[first][r.id] for m in others) for r in requests)
+        out["identical_tokens"] = {"requests": len(requests), "identical": same, "modes": list(tokens)}
     return out
+
+
+def find_max_batch(preset: str, *, prompt_len: int = DEFAULT_MAX_BATCH_PROMPT, output: int = DEFAULT_MAX_BATCH_OUTPUT,
+                   requests: int | None = None, budget: int | None = None, modes: tuple[str, ...] = tuple(MODES),
+                   layers: int | None = None, dtype: str | None = None, page_size: int = DEFAULT_PAGE_SIZE,
+                   progress: Callable[[str], None] | None = None, **kw: Any) -> dict:
+    """eLLM's batch experiment: `requests` prompts of prompt_len tokens, all
+    arriving at once, each generating `output` tokens; per mode, the most
+    requests that decode together at the budget (peak_concurrent_decoding).
+    Default budget: room for four such requests alone (whole chunks);
+    default requests: twice what the budget holds, plus two, so that every
+    mode is limited by memory, not by the queue."""
+    import tempfile
+
+    from ..kv.hf_config import from_hf_config
+
+    if prompt_len < 1 or output < 1:
+        raise ValueError(f"--prompt-len and --max-batch-output must be >= 1, got {prompt_len}, {output}")
+    cfg = gen.scaled_config(preset, layers)
+    tdtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    chunk = 2 << 20
+    spec = from_hf_config(cfg, dtype=tdtype)
+    per_request = request_kv_bytes(spec, prompt_len + output, page_size, chunk)
+    if budget is None:
+        budget = -(-4 * per_request // chunk) * chunk
+    if requests is None:
+        requests = 2 * max(1, budget // per_request) + 2
+    if requests < 1:
+        raise ValueError(f"--requests must be >= 1, got {requests}")
+    doc = {"name": f"max-batch-{prompt_len}", "arrival_unit": "s",
+           "description": f"{requests} requests of {prompt_len} prompt tokens and {output} output tokens, all at 0",
+           "requests": [{"arrival": 0, "prompt": prompt_len, "output": output}] * requests}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "max_batch.json"
+        path.write_text(json.dumps(doc))
+        r = run(preset, str(path), budget=budget, modes=modes, layers=layers, dtype=dtype, page_size=page_size,
+                progress=progress, **kw)
+    r["trace"]["path"] = None  # synthetic: described above, not a file
+    r["max_batch"] = {m: x["peak_concurrent_decoding"] for m, x in r["results"].items()}
+    if "stock" in r["max_batch"]:
+        a = r["max_batch"]["stock"]
+        r["max_batch_over_stock"] = {m: _ratio(n, a) for m, n in r["max_batch"].items() if m != "stock"}
+    return r
 
 
 def _ratio(b: float | None, a: float | None) -> float | None:
@@ -731,22 +834,32 @@ def print_report(r: dict) -> None:
     print(f"  trace {t['name']}: {t['requests']} requests, {t['prompt_tokens']} prompt + {t['output_tokens']} "
           f"output tokens, last arrival {t['last_arrival_s']} s; KV budget {human(r['budget_bytes'])}, "
           f"page {r['page_size']} tokens; SLO TTFT <= {r['slo']['ttft_ms']:g} ms, TPOT <= {r['slo']['tpot_ms']:g} ms")
-    print(f"  {'mode':<9}{'out tok/s':>10}{'TTFT p50/p99 ms':>20}{'TPOT p50/p99 ms':>18}{'SLO':>7}"
+    print(f"  {'mode':<12}{'out tok/s':>10}{'TTFT p50/p99 ms':>20}{'TPOT p50/p99 ms':>18}{'SLO':>7}"
           f"{'preempt':>9}{'recomp tok':>11}{'peak KV':>12}{'KV in use':>12}")
     for mode, x in r["results"].items():
-        print(f"  {mode:<9}{x['output_tokens_per_s']:>10}"
+        print(f"  {mode:<12}{x['output_tokens_per_s']:>10}"
               f"{x['ttft_ms']['p50']:>11.0f} / {x['ttft_ms']['p99']:<6.0f}"
               f"{_fmt(x['tpot_ms']['p50']):>9} / {_fmt(x['tpot_ms']['p99']):<6}"
               f"{x['slo_attainment']:>7.2f}{x['preemptions']:>9}{x['recomputed_tokens']:>11}"
               f"{human(x['peak_kv_bytes']):>12}{human(x['peak_kv_bytes_in_use']):>12}")
-    if "elastic_over_stock" in r:
-        ratio = r["elastic_over_stock"]
-        print("  elastic / stock: " + ", ".join(f"{k} {v}" for k, v in ratio.items()))
+    for key, label in (("elastic_over_stock", "elastic / stock"), ("slo_over_stock", "elastic+slo / stock")):
+        if key in r:
+            print(f"  {label}: " + ", ".join(f"{k} {v}" for k, v in r[key].items()))
+    if "elastic+slo" in r["results"]:
+        print("  elastic+slo decisions: " + ", ".join(f"{k} {v}" for k, v in
+                                                       sorted(r["results"]["elastic+slo"]["decisions"].items())))
+    if "max_batch" in r:
+        print("  most requests decoding together: " + ", ".join(f"{m} {n}" for m, n in r["max_batch"].items())
+              + ("; over stock: " + ", ".join(f"{m} {v}" for m, v in r["max_batch_over_stock"].items())
+                 if "max_batch_over_stock" in r else ""))
+    if "identical_tokens" in r:
         same = r["identical_tokens"]
-        print(f"  identical greedy tokens: {same['identical']} of {same['requests']} requests")
+        print(f"  identical greedy tokens in {', '.join(same['modes'])}: {same['identical']} of "
+              f"{same['requests']} requests")
     print(f"  activations: {r['measurement']['peak_activation_bytes']}")
-    if r["timeline"].get("path"):
-        print(f"  timeline: {r['timeline']['path']} ({r['timeline']['samples']} samples)")
+    for key in ("timeline", "timeline_slo"):
+        if r[key].get("path"):
+            print(f"  timeline: {r[key]['path']} ({r[key]['samples']} samples)")
 
 
 def _fmt(x: float | None) -> str:
