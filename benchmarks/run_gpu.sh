@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU tier in one call, for a lent GPU machine:
 #   build -> pytest tests/gpu -> bench gpu -> bench generate (long prompts, largest batch)
+#   -> bench serve (chat trace, largest batch)
 #
 #   OUT=/some/dir bash benchmarks/run_gpu.sh        (the device tool sets $OUT)
 #
@@ -41,16 +42,13 @@ timeout 300 $py -m ellm_alloc.bench gpu --out benchmarks/results/gpu_allocator.j
   > "$out/bench_gpu.log" 2>&1 || status=1
 tail -5 "$out/bench_gpu.log"
 
-# eLLM's long-context check: an 8B KV shape (all 32 layers, bfloat16) with
-# 32K-token prompts; the largest batch whose KV fits 64 GiB, per cache.
-step "bench generate, llama3-8b KV shape, 32K prompts"
-cmd=(-m ellm_alloc.bench generate --model llama3-8b --layers 32 --batch 1 --prompt-len 32768
-     --new-tokens 32 --repeats 1 --find-max-batch --budget 64GiB --no-progress --json)
-if timeout 240 $py "${cmd[@]}" > "$out/bench_generate_32k.log" 2> "$out/bench_generate_32k.err"; then
-  $py - "$out/bench_generate_32k.log" benchmarks/results/gpu_generate_llama3-8b_32k.json "${cmd[*]}" <<'EOF'
+# save_json LOG DEST CMD...: the report on LOG's last line, with the device,
+# driver, torch version, date and command, into DEST.
+save_json() {
+  $py - "$@" <<'EOF'
 import datetime, json, sys
 import torch
-log, dest, cmd = sys.argv[1:]
+log, dest, *cmd = sys.argv[1:]
 report = json.loads(open(log).read().strip().splitlines()[-1])
 try:
     import pynvml
@@ -60,13 +58,36 @@ except Exception as e:  # say so rather than guess
     driver = f"unknown ({e})"
 doc = {"device": torch.cuda.get_device_name(), "driver": driver, "torch": torch.__version__,
        "cuda": torch.version.cuda, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-       "command": "python " + cmd, "report": report}
+       "command": "python " + " ".join(cmd), "report": report}
 open(dest, "w").write(json.dumps(doc, indent=1) + "\n")
 EOF
-else
-  status=1
-  tail -20 "$out/bench_generate_32k.err"
-fi
+}
+
+# bench_json NAME TIMEOUT ARGS...: python ARGS > NAME.log, saved as benchmarks/results/gpu_NAME.json.
+bench_json() {
+  local name=$1 limit=$2
+  shift 2
+  if timeout "$limit" $py "$@" > "$out/$name.log" 2> "$out/$name.err"; then
+    save_json "$out/$name.log" "benchmarks/results/gpu_$name.json" "$@"
+  else
+    status=1
+    tail -20 "$out/$name.err"
+  fi
+}
+
+# eLLM's long-context check: an 8B KV shape (all 32 layers, bfloat16) with
+# 32K-token prompts; the largest batch whose KV fits 64 GiB, per cache.
+step "bench generate, llama3-8b KV shape, 32K prompts"
+bench_json generate_llama3-8b_32k 240 -m ellm_alloc.bench generate --model llama3-8b --layers 32 --batch 1 \
+  --prompt-len 32768 --new-tokens 32 --repeats 1 --find-max-batch --budget 64GiB --no-progress --json
+
+# eLLM's serving experiments on transformers' continuous batching: (a) stock,
+# (b) elastic + FIFO, (c) elastic + SLO-aware scheduler, at one KV budget.
+step "bench serve, llama3-8b (all 32 layers), chat trace and the largest batch of 8K prompts"
+bench_json serve_llama3-8b_chat 240 -m ellm_alloc.bench serve --model llama3-8b --layers 32 \
+  --trace benchmarks/workloads/serve/chat.json --budget 2GiB --tpot-ms 50 --json
+bench_json serve_llama3-8b_max_batch 240 -m ellm_alloc.bench serve --model llama3-8b --layers 32 \
+  --find-max-batch --prompt-len 8192 --budget 8GiB --json
 
 cp benchmarks/results/gpu_*.json "$out/" 2>/dev/null
 step "summary"
@@ -79,9 +100,11 @@ for path in sorted(glob.glob("benchmarks/results/gpu_*.json")):
         print(f"  {mode:>10}: pair {r['pair_ns']:.0f} ns ({r['pair_ratio_to_native']:.2f}x native), "
               f"peak reserved / allocated {r['reserved_over_allocated']:.3f}")
     rep = d.get("report", {})
-    for cache, r in rep.get("results", {}).items():
+    for cache, r in rep.get("results", {}).items() if "slo" not in rep else ():
         print(f"  {cache:>10}: peak KV {r['peak_kv_bytes'] / 2**30:.2f} GiB, {r['tokens_per_s']:.1f} tok/s")
     if "max_batch" in rep:
         print("  largest batch within the budget:", rep["max_batch"])
+    for mode, r in rep.get("results", {}).items() if "slo" in rep else ():
+        print(f"  {mode:>12}: {r['output_tokens_per_s']} out tok/s, SLO {r['slo_attainment']}")
 EOF
 exit $status
