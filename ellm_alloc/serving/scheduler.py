@@ -61,9 +61,10 @@ class StepCostModel:
 
     def fit(self) -> tuple[float, float] | None:
         """(fixed seconds, seconds per token); None before the first step.
-        While every step seen had the same size, all of a step's time is
-        charged to its tokens (no fixed part): that overestimates a token's
-        cost, so a budget drawn from it errs on the side of the target."""
+        While every step seen had the same size (or noise tilts the line
+        down), all of a step's time is charged to its tokens (no fixed part):
+        that overestimates a token's cost, so a budget drawn from it errs on
+        the side of the target."""
         n = len(self.steps)
         if n == 0:
             return None
@@ -73,7 +74,8 @@ class StepCostModel:
         if var == 0:
             return 0.0, max(ms / mt, 1e-9)
         slope = sum((t - mt) * (s - ms) for t, s in self.steps) / var
-        slope = max(slope, 1e-9)  # noise can tilt it below zero; a token never costs nothing
+        if slope <= 0:  # noise hides the per-token cost: charge it all to tokens, as above
+            return 0.0, max(ms / mt, 1e-9)
         return max(0.0, ms - slope * mt), slope
 
     def predict(self, tokens: int) -> float | None:
