@@ -389,7 +389,10 @@ class KVCacheManager:
     def _release_read_blocks(self, request_id: str, stream: int = 0) -> int:
         """The request's next call: its last step has read its state, so the
         blocks it read from (see state_source) are let go; returns how many."""
-        return sum(m.release_read_block(request_id, stream) for m in self._out_of_place)
+        released = 0
+        for m in self._out_of_place:  # a loop: this runs at every allocate_slots()
+            released += m.release_read_block(request_id, stream)
+        return released
 
     def _drop_request_blocks(self, request_id: str) -> None:
         for m in self.managers:

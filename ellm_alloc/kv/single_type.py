@@ -160,7 +160,8 @@ class ChunkedLocalManager(SingleTypeManager):
 
 class MambaManager(SingleTypeManager):
     """Only the latest state is kept: one live block per request, updated in
-    place by the model.
+    place by the model (out of place, a step also reads the old block when it
+    has just left it, see below).
 
     Checkpoints. The state is saved for the prefix cache only at chosen block
     boundaries: the first boundary at or after the end of the prompt (what a
@@ -258,6 +259,8 @@ class MambaManager(SingleTypeManager):
     def remove_skipped(self, request_id: str, num_tokens: int, stream: int = 0) -> int:
         blocks = self.req_blocks.get(request_id, [])
         cur = self.first_needed_block(num_tokens)
+        if self.released_upto.get(request_id, 0) == cur == len(blocks) - 1:
+            return 0  # a step within the state's block (held, the table's last): nothing below it to let go
         if self._moves_in_place(blocks, cur):
             last = self._last_held(blocks)
             blocks.extend([None] * (cur + 1 - len(blocks)))
