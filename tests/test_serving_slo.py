@@ -66,6 +66,45 @@ def test_step_cost_model_ignores_empty_steps():
     assert m.fit() is None
 
 
+# ---- the token budget, table-driven --------------------------------------------------------
+
+def _budgeting_scheduler(fixed_s, per_token_s, ttft_ms, tpot_ms, prompt_tokens, waited_s):
+    """A scheduler whose cost model is fixed_s + per_token_s x tokens and whose
+    earliest prefill has prompt_tokens left after waiting waited_s (no engine)."""
+    sched = object.__new__(SLOAwareScheduler)
+    sched.slo = SLO(ttft_ms=ttft_ms, tpot_ms=tpot_ms)
+    sched.cost = StepCostModel()
+    for t in (10, 100):
+        sched.cost.observe(t, fixed_s + per_token_s * t)
+    from collections import Counter, deque
+
+    sched.decisions = Counter()
+    sched.block_new_requests = False
+    head = types.SimpleNamespace(request_id="head", remaining_prefill_tokens=[0] * prompt_tokens)
+    sched.waiting_requests, sched.waiting_requests_order = {"head": head}, deque(["head"])
+    sched._arrival, sched._arrived_at = {"head": 0}, {"head": 0.0}
+    return sched, waited_s
+
+
+BUDGET_CASES = [
+    # fixed s, s/token, ttft ms, tpot ms, prompt left, waited s, decoding -> budget, raised for TTFT
+    (0.001, 0.0001, 1000, 4, 600, 0.0, 10, 30, False),    # TTFT easy: the TPOT cap (3 ms of tokens) rules
+    (0.001, 0.0001, 70, 4, 600, 0.0, 1, 67, True),        # 600 x 1.1 ms / (70 - 60 ms) = 66 prefill tokens a step
+    (0.001, 0.0001, 70, 4, 600, 0.02, 1, 30, False),      # 20 ms already waited: out of reach, TPOT kept
+    (0.001, 0.0001, 50, 4, 600, 0.0, 1, 30, False),       # 60 ms of prefill alone > 50 ms: out of reach
+    (0.001, 0.0001, 1000, 4, 600, 0.0, 0, 256, False),    # nothing decoding: the engine's budget
+    (0.001, 0.0001, 1e6, 4, 600, 0.0, 40, 41, False),     # never below a token per decoding request, plus one
+    (0.001, 0.0001, 1000, 100, 600, 0.0, 4, 256, False),  # the TPOT cap above the engine's: the engine's
+]
+
+
+@pytest.mark.parametrize("fixed, per_token, ttft, tpot, left, waited, decoding, budget, raised", BUDGET_CASES)
+def test_token_budget(fixed, per_token, ttft, tpot, left, waited, decoding, budget, raised):
+    sched, now = _budgeting_scheduler(fixed, per_token, ttft, tpot, left, waited)
+    assert sched._token_budget(256, decoding, [], now) == budget
+    assert bool(sched.decisions["token_budget_raised_for_ttft"]) == raised
+
+
 # ---- engine runs on a virtual clock ----------------------------------------------------------
 
 

@@ -11,8 +11,11 @@ elastic; see _patches.py). Every step it decides, from measurements:
     schedule calls, which is what a decoding request's TPOT sees). While
     requests decode, the budget is the most tokens a step can take within
     tpot_ms, so a long prompt is prefilled in chunks between decode steps
-    instead of stalling them; with nothing decoding it is the engine's.
-    Before two step sizes were seen it is the engine's too.
+    instead of stalling them; with nothing decoding, or before any step
+    was timed, it is the engine's. One exception, for TTFT: when the
+    earliest request still prefilling (or waiting) can meet ttft_ms only
+    with larger chunks, the budget grows to the smallest chunk that meets
+    it; when it cannot meet it at all, decoding requests keep their TPOT.
   * admission. Waiting requests are taken in order while their first chunk
     fits in the chunks the pool can still give, after the next token of
     every decoding request and after the headroom kept for the step's
@@ -33,6 +36,7 @@ runs: this scheduler reports no starved request and preempts first.
 """
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter, deque
 from typing import Any, Callable
@@ -169,6 +173,7 @@ class SLOAwareScheduler(Scheduler):
         super().reset()
         self.swapped: dict[str, Any] = {}  # request id -> RequestState, swapped out to the host tier
         self._arrival: dict[str, int] = {}  # request id -> arrival number (preempt the latest first)
+        self._arrived_at: dict[str, float] = {}  # request id -> clock when it arrived (its TTFT starts)
         self._arrivals = 0
         self._last_step: tuple[int, float] | None = None  # (query tokens, start) of the step in flight
 
@@ -177,6 +182,7 @@ class SLOAwareScheduler(Scheduler):
     def add_waiting_request(self, state: Any) -> None:
         if state.request_id not in self._arrival:
             self._arrival[state.request_id] = self._arrivals
+            self._arrived_at[state.request_id] = self.clock()
             self._arrivals += 1
         super().add_waiting_request(state)
 
@@ -190,6 +196,7 @@ class SLOAwareScheduler(Scheduler):
         super().finish_request(request_id)
         if request_id not in self.waiting_requests:  # (a requeued one keeps its place)
             self._arrival.pop(request_id, None)
+            self._arrived_at.pop(request_id, None)
 
     def request_is_cancelled(self, request_id: str) -> bool:
         if request_id in self.swapped and request_id not in self._requests_to_cancel:
@@ -203,6 +210,7 @@ class SLOAwareScheduler(Scheduler):
                 self.cache.free_blocks(state.request_id)
                 self._requests_to_cancel.discard(state.request_id)
                 self._arrival.pop(state.request_id, None)
+                self._arrived_at.pop(state.request_id, None)
         return gone + super().clear_cancelled_requests()
 
     # -- the step -------------------------------------------------------------------------------
@@ -222,7 +230,7 @@ class SLOAwareScheduler(Scheduler):
         decoding = [s for s in decoding if s.request_id in self.active_requests]
         prefilling = [s for s in self.active_requests.values() if s.status == RequestStatus.PREFILLING]
 
-        budget = self._token_budget(token_budget, len(decoding))
+        budget = self._token_budget(token_budget, len(decoding), prefilling, now)
         candidates = decoding + prefilling
         if not self.block_new_requests and not self.swapped:
             candidates += self._admissible(decoding, prefilling, budget)
@@ -238,19 +246,45 @@ class SLOAwareScheduler(Scheduler):
             self.headroom.step_started(num_q)
         return scheduled, fast_path, num_q, max_kv
 
-    def _token_budget(self, engine_budget: int, num_decoding: int) -> int:
+    def _token_budget(self, engine_budget: int, num_decoding: int, prefilling: list[Any], now: float) -> int:
         """The engine's budget, cut to what one step can do within tpot_ms
-        while requests decode (never below one token each, plus one)."""
+        while requests decode (never below one token each, plus one), raised
+        again as far as the earliest prefill needs to meet ttft_ms."""
         if not num_decoding:
             return engine_budget
         within = self.cost.tokens_within(self.slo.tpot_ms / 1000)
         if within is None:
             return engine_budget
         budget = max(num_decoding + 1, within)
+        for_ttft = num_decoding + self._chunk_for_ttft(num_decoding, prefilling, now)
+        if for_ttft > budget:
+            self.decisions["token_budget_raised_for_ttft"] += 1
+            budget = for_ttft
         if budget < engine_budget:
             self.decisions["token_budget_capped"] += 1
             return budget
         return engine_budget
+
+    def _chunk_for_ttft(self, num_decoding: int, prefilling: list[Any], now: float) -> int:
+        """The smallest prefill chunk per step with which the earliest request
+        still prefilling (else the head of the queue) gets its first token
+        within ttft_ms; 0 when none waits or its target is out of reach."""
+        fit = self.cost.fit()
+        heads = sorted(prefilling, key=self._arrival_of)
+        if not heads and self.waiting_requests_order and not self.block_new_requests:
+            heads = [self.waiting_requests[self.waiting_requests_order[0]]]
+        if fit is None or not heads:
+            return 0
+        head = heads[0]
+        fixed, per_token = fit
+        left = self.slo.ttft_ms / 1000 - (now - self._arrived_at.get(head.request_id, now))
+        tokens = len(head.remaining_prefill_tokens)
+        # n = tokens / c steps, each fixed + per_token x (decoding + c):
+        # n x (fixed + per_token x decoding) + per_token x tokens <= left.
+        spare = left - per_token * tokens
+        if tokens == 0 or spare <= 0:
+            return 0
+        return math.ceil(tokens * (fixed + per_token * num_decoding) / spare)
 
     # -- memory ------------------------------------------------------------------------------------
 
