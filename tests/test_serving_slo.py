@@ -311,3 +311,35 @@ def test_scheduler_name_is_registered_only_while_a_model_is_elastic(tiny_llama):
     with elastic(tiny_llama, budget="8MiB", slo=SLO(ttft_ms=100, tpot_ms=10)):
         assert SCHEDULER_MAPPING["ellm_slo"] is SLOAwareScheduler
     assert "ellm_slo" not in SCHEDULER_MAPPING
+
+
+# ---- activation headroom ------------------------------------------------------------------------
+
+
+class _FakeArena:
+    """stats() as a pool's: allocated bytes now and their peak."""
+
+    def __init__(self):
+        self.allocated = self.peak = 0
+
+    def stats(self):
+        return {"allocated_bytes": self.allocated, "allocated_peak": self.peak}
+
+
+def test_activation_headroom_keeps_the_largest_per_token_peak():
+    from ellm_alloc.serving.scheduler import ActivationHeadroom
+
+    h = object.__new__(ActivationHeadroom)
+    h.arena, h.chunk, h.bytes_per_token, h.measured, h._start, h._tokens = _FakeArena(), 2 << 20, 1000, False, None, 0
+    assert h.chunks(100) == 1  # the shape estimate before any step: 100 KB, one chunk
+    steps = [(100, 10 << 20, 12 << 20), (50, 10 << 20, 40 << 20), (200, 10 << 20, 11 << 20)]
+    for tokens, start, peak in steps:
+        h.arena.allocated = start
+        h.step_started(tokens)
+        h.arena.peak = max(h.arena.peak, peak)
+        h.step_ended()
+    # Step 2 used 30 MiB for 50 tokens; step 3 read the older peak (30 MiB / 200 tokens): the largest stays.
+    assert h.bytes_per_token == (30 << 20) / 50
+    assert h.chunks(50) == 15 and h.chunks(0) == 0
+    h.arena = None  # activations not in the KV pool: no headroom
+    assert h.chunks(10_000) == 0

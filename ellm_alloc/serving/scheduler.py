@@ -97,11 +97,13 @@ class StepCostModel:
 class ActivationHeadroom:
     """Chunks kept free for the coming step's activations. Only when torch
     allocates the model's tensors from the KV pool itself (ellm_alloc.enable()
-    on the model's device): then each step's arena peak above its starting
-    level, per query token, is measured and the largest seen so far is kept;
-    until one is seen, a shape estimate (itemsize x (4 hidden + 3
-    intermediate) per token). When activations come from elsewhere, KV
-    does not compete with them for chunks and the headroom is 0."""
+    on the model's device): then, per step, the arena's peak allocated bytes
+    above the step's starting level, per query token, and the largest seen
+    so far is kept; until one is seen, a shape estimate (itemsize x (4 hidden
+    + 3 intermediate) per token). The arena's peak is not reset (others read
+    it): a peak older than the step can only make the reading larger, which
+    keeps more headroom, never less. When activations come from elsewhere,
+    KV does not compete with them for chunks and the headroom is 0."""
 
     def __init__(self, cache: Any):
         from ..integrations.torch_allocator import device_pool, enabled_device
@@ -122,7 +124,6 @@ class ActivationHeadroom:
     def step_started(self, tokens: int) -> None:
         if self.arena is None:
             return
-        self.arena.reset_peaks()
         self._start = self.arena.stats()["allocated_bytes"]
         self._tokens = tokens
 
