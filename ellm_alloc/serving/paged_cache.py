@@ -384,6 +384,8 @@ class ElasticPagedAttentionCache(PagedAttentionCache):
                 return False
             self.kv.add_request(rid, list(state.initial_tokens) or [0])
         have = self.kv.requests[rid].num_tokens
+        if self.chunks_to_grow([(rid, past + request_len)]) > self.free_chunks():
+            return False  # would fail: do not map chunks only to unmap them again
         needs_lookback = (past > 0 and request_len > 1 and rid not in self._lookbacks
                           and SLIDING_ATTENTION in self.cache_allocators)
         if needs_lookback:
