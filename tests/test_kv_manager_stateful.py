@@ -544,7 +544,7 @@ class OutOfPlaceKVMachine(KVMachine):
     state_checkpoint_tokens = BS  # every boundary saved: many steps read an old block
 
     @precondition(lambda self: self.reqs)
-    @rule(data=st.data(), steps=st.integers(1, 20))
+    @rule(data=st.data(), steps=st.integers(1, 40))
     def decode(self, data, steps):
         """Token by token, as decoding goes: steps stop on block boundaries,
         where states are saved, so the next step reads from the saved block."""
