@@ -80,14 +80,23 @@ def _budgeting_scheduler(fixed_s, per_token_s, ttft_ms, tpot_ms, prompt_tokens, 
 
     sched.decisions = Counter()
     sched.block_new_requests = False
+    sched.active_requests = {}
     head = types.SimpleNamespace(request_id="head", remaining_prefill_tokens=[0] * prompt_tokens)
     sched.waiting_requests, sched.waiting_requests_order = {"head": head}, deque(["head"])
-    sched._arrival, sched._arrived_at = {"head": 0}, {"head": 0.0}
+    sched._arrival, sched._arrived_at, sched._first_token_at = {"head": 0}, {"head": 0.0}, {}
     return sched, waited_s
+
+
+def _decoding(n, first_token_at=None, limit=41, generated=1):
+    """n decoding requests, their first token at first_token_at (None: not seen)."""
+    states = [types.SimpleNamespace(request_id=f"d{i}", max_new_tokens=limit, generated_len=lambda: generated)
+              for i in range(n)]
+    return states, ({} if first_token_at is None else {s.request_id: first_token_at for s in states})
 
 
 BUDGET_CASES = [
     # fixed s, s/token, ttft ms, tpot ms, prompt left, waited s, decoding -> budget, raised for TTFT
+    # (decoding requests whose first token was not seen spare nothing: a step of at most tpot_ms)
     (0.001, 0.0001, 1000, 4, 600, 0.0, 10, 30, False),    # TTFT easy: the TPOT cap (3 ms of tokens) rules
     (0.001, 0.0001, 70, 4, 600, 0.0, 1, 67, True),        # 600 x 1.1 ms / (70 - 60 ms) = 66 prefill tokens a step
     (0.001, 0.0001, 70, 4, 600, 0.02, 1, 30, False),      # 20 ms already waited: out of reach, TPOT kept
@@ -101,8 +110,28 @@ BUDGET_CASES = [
 @pytest.mark.parametrize("fixed, per_token, ttft, tpot, left, waited, decoding, budget, raised", BUDGET_CASES)
 def test_token_budget(fixed, per_token, ttft, tpot, left, waited, decoding, budget, raised):
     sched, now = _budgeting_scheduler(fixed, per_token, ttft, tpot, left, waited)
-    assert sched._token_budget(256, decoding, [], now) == budget
+    states, _ = _decoding(decoding)
+    assert sched._token_budget(256, states, [], now) == budget
     assert bool(sched.decisions["token_budget_raised_for_ttft"]) == raised
+
+
+SPARE_CASES = [
+    # first token at s, tokens generated of 41, now s -> step budget (1 ms + 0.1 ms a token, a decode
+    # step 1.1 ms; TPOT 4 ms, aimed at 0.9 x 4 = 3.6 ms)
+    (0.0, 1, 0.0, 501),    # 40 x 3.6 - 39 x 1.1 = 101.1 ms to spare: a step of 1.1 + 100 / 2 = 51.1 ms
+    (0.0, 21, 0.08, 211),  # 144 - 80 - 19 x 1.1 = 43.1 ms to spare: a step of 1.1 + 42 / 2 = 22.1 ms
+    (0.0, 21, 0.15, 30),   # out of reach (144 - 150 < 0): a plain tpot_ms step
+    (0.0, 40, 0.05, 465),  # the last token to go: 144 - 50 = 94 ms to spare, a step of 47.55 ms
+    (0.0, 21, 0.1, 111),   # 144 - 100 - 20.9 = 23.1 ms to spare: a step of 1.1 + 22 / 2 = 12.1 ms
+    (0.0, 21, 0.1225, 2),  # 0.6 ms to spare, less than a decode step: decode, plus one prefill token
+]
+
+
+@pytest.mark.parametrize("first, generated, now, budget", SPARE_CASES)
+def test_token_budget_spends_half_of_what_decoding_requests_can_spare(first, generated, now, budget):
+    sched, _ = _budgeting_scheduler(0.001, 0.0001, 1e6, 4, 0, 0.0)
+    states, sched._first_token_at = _decoding(1, first_token_at=first, generated=generated)
+    assert sched._token_budget(1000, states, [], now) == pytest.approx(budget, abs=1)
 
 
 # ---- engine runs on a virtual clock ----------------------------------------------------------

@@ -8,14 +8,20 @@ elastic; see _patches.py). Every step it decides, from measurements:
 
   * the token budget. A step's time is fitted as fixed + per_token x query
     tokens over the latest steps (StepCostModel, timed between consecutive
-    schedule calls, which is what a decoding request's TPOT sees). While
-    requests decode, the budget is the most tokens a step can take within
-    tpot_ms, so a long prompt is prefilled in chunks between decode steps
-    instead of stalling them; with nothing decoding, or before any step
-    was timed, it is the engine's. One exception, for TTFT: when the
-    earliest request still prefilling (or waiting) can meet ttft_ms only
-    with larger chunks, the budget grows to the smallest chunk that meets
-    it; when it cannot meet it at all, decoding requests keep their TPOT.
+    schedule calls, which is what a decoding request's TPOT sees). TPOT is
+    an average over a request's output, so a decoding request can spare
+    some time: what its target allows beyond the decode steps it still
+    needs. While requests decode, the budget is the most tokens a step can
+    take in half the least time any of them can spare (at least tpot_ms):
+    a long prompt is prefilled in large chunks while decoding requests have
+    time to spare and in small ones once they have none, instead of
+    stalling them; with nothing decoding, or before any step was timed, it
+    is the engine's. One exception, for TTFT: when requests
+    prefilling or waiting (in order: each waits for the prompts before it)
+    can meet ttft_ms only with larger chunks, the budget grows to the
+    smallest chunk that meets every target still within reach; a request
+    whose target is out of reach anyway does not cost decoding requests
+    their TPOT.
   * admission. Waiting requests are taken in order while their first chunk
     fits in the chunks the pool can still give, after the next token of
     every decoding request and after the headroom kept for the step's
@@ -49,6 +55,8 @@ from .slo import SLO
 
 #: The name transformers' ContinuousBatchingConfig(scheduler_type=...) selects.
 SCHEDULER_NAME = "ellm_slo"
+#: The fraction of tpot_ms a decoding request's average is steered to.
+TPOT_AIM = 0.9
 
 
 class StepCostModel:
@@ -83,8 +91,16 @@ class StepCostModel:
         return max(0.0, ms - slope * mt), slope
 
     def predict(self, tokens: int) -> float | None:
+        """Seconds a step of `tokens` takes. While one step size was seen, a
+        smaller step is given that size's time: a step never costs less for
+        having more tokens, and the fixed part is unknown."""
         f = self.fit()
-        return None if f is None else f[0] + f[1] * tokens
+        if f is None:
+            return None
+        sizes = {t for t, _ in self.steps}
+        if len(sizes) == 1 and tokens <= next(iter(sizes)):
+            return sum(sec for _, sec in self.steps) / len(self.steps)
+        return f[0] + f[1] * tokens
 
     def tokens_within(self, seconds: float) -> int | None:
         """The most query tokens a step can take within `seconds` (at least 1)."""
@@ -175,6 +191,7 @@ class SLOAwareScheduler(Scheduler):
         self.swapped: dict[str, Any] = {}  # request id -> RequestState, swapped out to the host tier
         self._arrival: dict[str, int] = {}  # request id -> arrival number (preempt the latest first)
         self._arrived_at: dict[str, float] = {}  # request id -> clock when it arrived (its TTFT starts)
+        self._first_token_at: dict[str, float] = {}  # request id -> clock at its first token (its TPOT starts)
         self._arrivals = 0
         self._last_step: tuple[int, float] | None = None  # (query tokens, start) of the step in flight
 
@@ -198,6 +215,7 @@ class SLOAwareScheduler(Scheduler):
         if request_id not in self.waiting_requests:  # (a requeued one keeps its place)
             self._arrival.pop(request_id, None)
             self._arrived_at.pop(request_id, None)
+            self._first_token_at.pop(request_id, None)
 
     def request_is_cancelled(self, request_id: str) -> bool:
         if request_id in self.swapped and request_id not in self._requests_to_cancel:
@@ -212,6 +230,7 @@ class SLOAwareScheduler(Scheduler):
                 self._requests_to_cancel.discard(state.request_id)
                 self._arrival.pop(state.request_id, None)
                 self._arrived_at.pop(state.request_id, None)
+                self._first_token_at.pop(state.request_id, None)
         return gone + super().clear_cancelled_requests()
 
     # -- the step -------------------------------------------------------------------------------
@@ -231,7 +250,9 @@ class SLOAwareScheduler(Scheduler):
         decoding = [s for s in decoding if s.request_id in self.active_requests]
         prefilling = [s for s in self.active_requests.values() if s.status == RequestStatus.PREFILLING]
 
-        budget = self._token_budget(token_budget, len(decoding), prefilling, now)
+        for state in decoding:  # their first token came with the step that just ended
+            self._first_token_at.setdefault(state.request_id, now)
+        budget = self._token_budget(token_budget, decoding, prefilling, now)
         candidates = decoding + prefilling
         if not self.block_new_requests and not self.swapped:
             candidates += self._admissible(decoding, prefilling, budget)
@@ -247,17 +268,19 @@ class SLOAwareScheduler(Scheduler):
             self.headroom.step_started(num_q)
         return scheduled, fast_path, num_q, max_kv
 
-    def _token_budget(self, engine_budget: int, num_decoding: int, prefilling: list[Any], now: float) -> int:
-        """The engine's budget, cut to what one step can do within tpot_ms
-        while requests decode (never below one token each, plus one), raised
-        again as far as the earliest prefill needs to meet ttft_ms."""
-        if not num_decoding:
+    def _token_budget(self, engine_budget: int, decoding: list[Any], prefilling: list[Any], now: float) -> int:
+        """The engine's budget, cut to the tokens a step can take in the time
+        the decoding requests can spare (never below one token each, plus
+        one), raised again as far as the prefills in line need to meet
+        ttft_ms."""
+        if not decoding:
             return engine_budget
-        within = self.cost.tokens_within(self.slo.tpot_ms / 1000)
+        seconds = self._step_time_to_spare(decoding, now)
+        within = None if seconds is None else self.cost.tokens_within(seconds)
         if within is None:
             return engine_budget
-        budget = max(num_decoding + 1, within)
-        for_ttft = num_decoding + self._chunk_for_ttft(num_decoding, prefilling, now)
+        budget = max(len(decoding) + 1, within)
+        for_ttft = len(decoding) + self._chunk_for_ttft(len(decoding), prefilling, now)
         if for_ttft > budget:
             self.decisions["token_budget_raised_for_ttft"] += 1
             budget = for_ttft
@@ -266,26 +289,66 @@ class SLOAwareScheduler(Scheduler):
             return budget
         return engine_budget
 
+    def _step_time_to_spare(self, decoding: list[Any], now: float) -> float | None:
+        """How long this step may take with every decoding request still able
+        to meet tpot_ms on average over its output: request i, whose first
+        token came at t_i and which has r_i of its n_i tokens to go, allows
+        aim x (n_i - 1) - (now - t_i) - (r_i - 1) x (a decode step's time),
+        aiming at TPOT_AIM x tpot_ms; a decode step is costed as one that
+        carries every request running or waiting now (they may all decode
+        together later).
+        Half of the least allowance beyond a decode step goes to this step
+        (the cost model errs, and later prefills need some too). Requests
+        whose first token was not seen, or that have no token limit, or
+        whose target is out of reach anyway, allow anything; with none
+        left, a step of tpot_ms. None before any step was timed."""
+        # Later decode steps may carry every request in the engine now.
+        decode_step = self.cost.predict(len(self.active_requests) + len(self.waiting_requests))
+        if decode_step is None:
+            return None
+        tpot = self.slo.tpot_ms / 1000
+        aim = TPOT_AIM * tpot  # below the target: the cost model's errors add up over a request's steps
+        allowed, known = [], False
+        for state in decoding:
+            first = self._first_token_at.get(state.request_id)
+            limit = state.max_new_tokens
+            if first is None or limit is None:
+                continue
+            known = True
+            to_go = limit - state.generated_len()
+            spare = aim * (limit - 1) - (now - first) - max(0, to_go - 1) * decode_step
+            if spare > 0:
+                allowed.append(spare)
+        if not allowed:  # nothing known yet, or every target out of reach: a plain tpot_ms step
+            return tpot
+        least = min(allowed)
+        if least <= decode_step or not known:
+            return decode_step  # a decode step and nothing more (the budget keeps one prefill token)
+        return decode_step + (least - decode_step) / 2
+
     def _chunk_for_ttft(self, num_decoding: int, prefilling: list[Any], now: float) -> int:
-        """The smallest prefill chunk per step with which the earliest request
-        still prefilling (else the head of the queue) gets its first token
-        within ttft_ms; 0 when none waits or its target is out of reach."""
+        """The smallest prefill chunk per step with which every request still
+        prefilling or waiting, in order, whose ttft_ms is still within reach
+        gets its first token in time: request i's first token waits for the
+        prompt tokens of i and of every request before it. 0 when none waits;
+        requests whose target is out of reach are not waited for."""
         fit = self.cost.fit()
-        heads = sorted(prefilling, key=self._arrival_of)
-        if not heads and self.waiting_requests_order and not self.block_new_requests:
-            heads = [self.waiting_requests[self.waiting_requests_order[0]]]
-        if fit is None or not heads:
+        if fit is None:
             return 0
-        head = heads[0]
         fixed, per_token = fit
-        left = self.slo.ttft_ms / 1000 - (now - self._arrived_at.get(head.request_id, now))
-        tokens = len(head.remaining_prefill_tokens)
-        # n = tokens / c steps, each fixed + per_token x (decoding + c):
-        # n x (fixed + per_token x decoding) + per_token x tokens <= left.
-        spare = left - per_token * tokens
-        if tokens == 0 or spare <= 0:
-            return 0
-        return math.ceil(tokens * (fixed + per_token * num_decoding) / spare)
+        queue = sorted(prefilling, key=self._arrival_of)
+        if not self.block_new_requests:
+            queue += [self.waiting_requests[rid] for rid in self.waiting_requests_order]
+        chunk, ahead = 0, 0
+        for state in queue:
+            ahead += len(state.remaining_prefill_tokens)
+            left = self.slo.ttft_ms / 1000 - (now - self._arrived_at.get(state.request_id, now))
+            # n = ahead / c steps, each fixed + per_token x (decoding + c):
+            # n x (fixed + per_token x decoding) + per_token x ahead <= left.
+            spare = left - per_token * ahead
+            if ahead and spare > 0:
+                chunk = max(chunk, math.ceil(ahead * (fixed + per_token * num_decoding) / spare))
+        return chunk
 
     # -- memory ------------------------------------------------------------------------------------
 
