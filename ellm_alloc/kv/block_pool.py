@@ -17,13 +17,15 @@ it) can be taken by the torch arena without calling Python; `sync()` learns
 which chunks were taken and forgets the cached blocks over them.
 
 Placement is request-aware (Jenga): a request's blocks go to large pages
-opened for it first, then to free slots anywhere, then to a fresh page, and
-only when the pool is short to a free slot over mapped chunks or the slot of
-an evicted cached block. Free slots go before fresh pages because here a
-fresh page is not free: it is memory the torch arena could use. Pages that end
-up sparsely used anyway (their other requests finished) are packed by
-compaction: live blocks move into the free slots of fuller pages when that
-unmaps more chunks than it maps.
+opened for it first, then to free slots anywhere (the fullest page's first),
+then to a fresh page, and only when the pool is short to a free slot over
+mapped chunks or the slot of an evicted cached block. Free slots go before
+fresh pages because here a fresh page is not free: it is memory the torch
+arena could use; the fullest page goes first so that sparse pages are left to
+empty as their requests finish. Pages that end up sparsely used anyway (their
+other requests finished) are packed by compaction: live blocks move into the
+free slots of fuller pages when that unmaps more chunks than it maps, pages
+that give back the most chunks per block moved first.
 
 Swap (the pool's host tier). A preempted request's blocks can move to host
 memory chunk by chunk and come back at the same addresses, so block ids and
@@ -290,9 +292,17 @@ class GroupBlockPool:
         if own:  # the page opened for it last
             return self._take_slot(max(own, key=self.req_pages[request_id].__getitem__))
         if self.leftovers:
-            return self._take_slot(min(self.leftovers))  # deterministic; low pages fill first
+            return self._take_slot(self._fullest_leftover())
         page = self._open_page(request_id)
         return self._take_slot(page) if page is not None else None
+
+    def _fullest_leftover(self) -> int:
+        """The open page with the fewest free slots (the lowest on ties):
+        filling full pages first leaves sparse ones to empty by themselves as
+        their requests finish, instead of spreading new blocks over them for
+        compaction to move later."""
+        free = self.page_free
+        return min(self.leftovers, key=lambda p: (len(free[p]), p))
 
     def _place_short(self) -> int | None:
         """The pool is short: a free slot over mapped chunks costs nothing,
@@ -374,16 +384,17 @@ class GroupBlockPool:
     # ---- compaction ----------------------------------------------------------------
 
     def plan_compaction(self) -> tuple[list[tuple[int, int]], int]:
-        """Moves (live block, destination page) that empty the sparsest partly
-        used pages into the free slots of the fullest ones, each page only
-        when that unmaps more chunks than its blocks map at their destinations,
-        by at least the bytes the moves copy;
-        and the chunks the moves map (the pool must have them, since a page's
+        """Moves (live block, destination page) that empty partly used pages
+        into the free slots of the fullest ones, the pages with the fewest
+        live blocks per mapped chunk first (the most memory back per byte
+        copied), each page only when that unmaps more chunks than its blocks
+        map at their destinations, by at least the bytes the moves copy; and
+        the chunks the moves map (the pool must have them, since a page's
         chunks go only once all its blocks have moved). Only pages with no
         cached block take part, so the prefix cache is left as it is."""
         partly = [p for p, free in self.page_free.items()
                   if free and self.page_live[p] and not self.page_cached[p] and not self.page_swapped[p]]
-        partly.sort(key=lambda p: (self.page_live[p], p))
+        partly.sort(key=self._blocks_per_mapped_chunk)
         free = {p: list(self.page_free[p]) for p in partly}
         to_map: set[int] = set()  # chunks the planned moves map
         moves: list[tuple[int, int]] = []
@@ -391,7 +402,7 @@ class GroupBlockPool:
         while lo < hi:
             src = partly[lo]
             if sum(len(free[partly[k]]) for k in range(lo + 1, hi + 1)) < self.page_live[src]:
-                break  # the rest cannot empty another page
+                break  # the fuller pages left cannot take its blocks
             plan, new_chunks, h = [], set(), hi
             for b in self._page_blocks(src):
                 if self.ref[b] == 0:
@@ -413,12 +424,19 @@ class GroupBlockPool:
             if freed <= len(new_chunks) or (freed - len(new_chunks)) * self.chunk_bytes < copied:
                 for _, dst, slot in plan:
                     free[dst].append(slot)
-                break  # denser pages would save no more
+                break  # the pages after it give back less per block moved
             moves.extend((b, dst) for b, dst, _ in plan)
             to_map |= new_chunks
             hi = h
             lo += 1
         return moves, len(to_map)
+
+    def _blocks_per_mapped_chunk(self, page: int) -> tuple[float, int]:
+        """Compaction's order: live blocks to move per chunk emptying `page`
+        unmaps (then the page id, for determinism)."""
+        base = page * self.chunks_per_page
+        mapped = self.chunk_mapped[base:base + self.chunks_per_page].count(1)
+        return self.page_live[page] / max(mapped, 1), page
 
     def _chunks_to_map(self, page: int, slot: int, planned: frozenset[int] | set[int] = frozenset()) -> list[int]:
         """Chunks under a free slot still to map (beyond those `planned`)."""
