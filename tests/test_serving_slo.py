@@ -117,13 +117,13 @@ def test_token_budget(fixed, per_token, ttft, tpot, left, waited, decoding, budg
 
 SPARE_CASES = [
     # first token at s, tokens generated of 41, now s -> step budget (1 ms + 0.1 ms a token, a decode
-    # step 1.1 ms; TPOT 4 ms, aimed at 0.9 x 4 = 3.6 ms)
-    (0.0, 1, 0.0, 501),    # 40 x 3.6 - 39 x 1.1 = 101.1 ms to spare: a step of 1.1 + 100 / 2 = 51.1 ms
-    (0.0, 21, 0.08, 211),  # 144 - 80 - 19 x 1.1 = 43.1 ms to spare: a step of 1.1 + 42 / 2 = 22.1 ms
-    (0.0, 21, 0.15, 30),   # out of reach (144 - 150 < 0): a plain tpot_ms step
-    (0.0, 40, 0.05, 465),  # the last token to go: 144 - 50 = 94 ms to spare, a step of 47.55 ms
-    (0.0, 21, 0.1, 111),   # 144 - 100 - 20.9 = 23.1 ms to spare: a step of 1.1 + 22 / 2 = 12.1 ms
-    (0.0, 21, 0.1225, 2),  # 0.6 ms to spare, less than a decode step: decode, plus one prefill token
+    # step 1.1 ms; TPOT 4 ms, steps held to aim = 0.9 x 4 = 3.6 ms, 0.1 ms a token beyond 1 ms)
+    (0.0, 1, 0.0, 26),     # on schedule, nothing banked: a step of aim
+    (0.0, 21, 0.06, 86),   # 20 tokens in 60 ms: 144 - 60 - 19 x 3.6 = 15.6 ms spare, 3.6 + 12 / 2 = 9.6 ms
+    (0.0, 40, 0.05, 478),  # the last token to go: 94 ms spare, 3.6 + 90.4 / 2 = 48.8 ms
+    (0.0, 21, 0.0735, 11),  # behind: 2.1 ms spare, more than a decode step: a step of 2.1 ms
+    (0.0, 21, 0.08, 30),   # -4.4 ms spare: out of reach, a plain tpot_ms step
+    (0.0, 21, 0.15, 30),   # far out of reach, the same
 ]
 
 

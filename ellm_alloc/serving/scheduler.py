@@ -291,40 +291,39 @@ class SLOAwareScheduler(Scheduler):
 
     def _step_time_to_spare(self, decoding: list[Any], now: float) -> float | None:
         """How long this step may take with every decoding request still able
-        to meet tpot_ms on average over its output: request i, whose first
-        token came at t_i and which has r_i of its n_i tokens to go, allows
-        aim x (n_i - 1) - (now - t_i) - (r_i - 1) x (a decode step's time),
-        aiming at TPOT_AIM x tpot_ms; a decode step is costed as one that
-        carries every request running or waiting now (they may all decode
-        together later).
-        Half of the least allowance beyond a decode step goes to this step
-        (the cost model errs, and later prefills need some too). Requests
-        whose first token was not seen, or that have no token limit, or
-        whose target is out of reach anyway, allow anything; with none
-        left, a step of tpot_ms. None before any step was timed."""
-        # Later decode steps may carry every request in the engine now.
+        to meet tpot_ms on average over its output. Steps are held to `aim`
+        (TPOT_AIM x tpot_ms, below the target: the cost model errs) or to a
+        decode step if that costs more; a request that has been faster than
+        that so far has time banked, and this step may take half of the least
+        bank on top; one that is behind gets a shorter step, as long as a
+        decode step fits (request i, first token at t_i, r_i of its n_i
+        tokens to go, spares aim x (n_i - 1) - (now - t_i) - (r_i - 1) x
+        step for this step). A decode step
+        is costed as one carrying every request running or waiting now (they
+        may all decode together later). Requests whose first token was not
+        seen, or without a token limit, or whose target is out of reach
+        anyway, bank nothing and hold nothing back; with none left, a step
+        of tpot_ms. None before any step was timed."""
         decode_step = self.cost.predict(len(self.active_requests) + len(self.waiting_requests))
         if decode_step is None:
             return None
         tpot = self.slo.tpot_ms / 1000
-        aim = TPOT_AIM * tpot  # below the target: the cost model's errors add up over a request's steps
-        allowed, known = [], False
+        step = max(TPOT_AIM * tpot, decode_step)
+        allowed = []
         for state in decoding:
             first = self._first_token_at.get(state.request_id)
             limit = state.max_new_tokens
             if first is None or limit is None:
                 continue
-            known = True
             to_go = limit - state.generated_len()
-            spare = aim * (limit - 1) - (now - first) - max(0, to_go - 1) * decode_step
-            if spare > 0:
+            spare = TPOT_AIM * tpot * (limit - 1) - (now - first) - max(0, to_go - 1) * step
+            if spare >= step:  # a full step, and half of what is banked beyond it
+                allowed.append(step + (spare - step) / 2)
+            elif spare >= decode_step:  # behind: this step gets what is left
                 allowed.append(spare)
-        if not allowed:  # nothing known yet, or every target out of reach: a plain tpot_ms step
+        if not allowed:  # nothing known yet, or every target out of reach
             return tpot
-        least = min(allowed)
-        if least <= decode_step or not known:
-            return decode_step  # a decode step and nothing more (the budget keeps one prefill token)
-        return decode_step + (least - decode_step) / 2
+        return min(allowed)
 
     def _chunk_for_ttft(self, num_decoding: int, prefilling: list[Any], now: float) -> int:
         """The smallest prefill chunk per step with which every request still
