@@ -248,6 +248,7 @@ class GroupBlockPool:
 
     def allocate(self, request_id: str, n: int) -> list[int]:
         """n fresh blocks for request_id, placed request-aware; all or nothing."""
+        self.sync()  # placement reads the chunks' states: forget the cached blocks the pool took
         got: list[int] = []
         try:
             for _ in range(n):

@@ -247,7 +247,8 @@ class KVCacheManager:
         self._check_capacity(request_id, num_new_tokens)
         st = self._state(request_id)
         self._require_resident(st, "allocate slots for", stream)
-        self.sync()
+        # No sync() here: most decode steps allocate nothing, and a group
+        # syncs itself when it allocates (a release needs none: see unmap).
         released = self._release_read_blocks(request_id, stream)
         total = st.num_tokens + num_new_tokens
         taken: list[tuple[GroupBlockPool, list[int], SingleTypeManager]] = []
@@ -406,6 +407,7 @@ class KVCacheManager:
         """Deflates the prefix cache to max_cached_fraction of each group's live
         blocks: a cached block holds a slot no live token needs."""
         for bp in self.pools:
+            bp.sync()  # count none the pool took: evicting them would trim the cache below its share
             cached, live = bp.num_evictable(), bp.live_blocks()
             if cached > self.max_cached_fraction * live:  # (a fraction of inf keeps everything)
                 bp.evict(cached - int(self.max_cached_fraction * live))
@@ -650,6 +652,7 @@ class KVCacheManager:
         """Bytes held for the KV cache: mapped chunks, or the whole partition when static."""
         if self.static:
             return sum(bp.max_pages * bp.group.large_page_bytes for bp in self.pools)
+        self.sync()  # a chunk the pool took is no longer ours
         return sum(bp.mapped_chunks for bp in self.pools) * self.layout.chunk_bytes
 
     def usage(self) -> dict:
