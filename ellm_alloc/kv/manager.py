@@ -64,6 +64,9 @@ class RequestState:
     hashes: list[int] = field(default_factory=list)
     offered_blocks: int = 0  # leading full blocks offered to the prefix cache so far
     hit_tokens: int = 0
+    # Every group holds what a length up to this needs and drops nothing
+    # before it (min of the managers' idle_until at the last allocation).
+    idle_until: int = 0
     # Swap: None (resident), OUT (swapping out or swapped) or IN (swapping in);
     # the chunks of each group in the host tier or on their way back.
     swap: str | None = None
@@ -251,6 +254,9 @@ class KVCacheManager:
         # syncs itself when it allocates (a release needs none: see unmap).
         released = self._release_read_blocks(request_id, stream)
         total = st.num_tokens + num_new_tokens
+        if total <= st.idle_until and not released:  # most decode steps: no group has work
+            self._advance(st, total, new_token_ids)
+            return True
         taken: list[tuple[GroupBlockPool, list[int], SingleTypeManager]] = []
         try:
             for m in self.managers:
@@ -264,18 +270,23 @@ class KVCacheManager:
                 while positions and positions[-1] is None:  # the table ends at a held block again
                     positions.pop()
             return False
-        if new_token_ids:
-            st.token_ids.extend(new_token_ids)
-        st.num_tokens = total
         for m in self.managers:
             released += m.remove_skipped(request_id, total, stream)
-        if self.enable_prefix_caching:
-            self._offer_full_blocks(st)
+        st.idle_until = min(m.idle_until(request_id, total) for m in self.managers)
+        self._advance(st, total, new_token_ids)
         if released:
             self._trim_cache(stream)
             if self.compact_enabled:
                 self.compact(min_free_fraction=0.02, stream=stream)
         return True
+
+    def _advance(self, st: RequestState, total: int, new_token_ids: list[int] | None) -> None:
+        """The request's tokens reach `total`, its blocks in place."""
+        if new_token_ids:
+            st.token_ids.extend(new_token_ids)
+        st.num_tokens = total
+        if self.enable_prefix_caching:
+            self._offer_full_blocks(st)
 
     def _offer_full_blocks(self, st: RequestState) -> None:
         """Hashes the request's newly full blocks and offers them to every

@@ -78,6 +78,12 @@ class SingleTypeManager:
             self.released_upto[request_id] = end
         return n
 
+    def idle_until(self, request_id: str, num_tokens: int) -> int:
+        """A length up to which allocate() and remove_skipped() have nothing
+        to do for the request, given its table after a step to num_tokens;
+        num_tokens itself (no step known idle) unless a manager knows better."""
+        return num_tokens
+
     def release_read_block(self, request_id: str, stream: int = 0) -> int:
         """Drops the request's hold on the block its last step read its state
         from; returns the blocks released (0 or 1). It goes as the state's old
@@ -143,6 +149,9 @@ class FullAttentionManager(SingleTypeManager):
 
     def remove_skipped(self, request_id: str, num_tokens: int, stream: int = 0) -> int:
         return 0  # nothing falls out of the window
+
+    def idle_until(self, request_id: str, num_tokens: int) -> int:
+        return len(self.req_blocks.get(request_id, [])) * self.bs  # the table's blocks are all held
 
     def eviction_priority(self, index: int, prompt_blocks: int) -> int:
         return EVICT_PREFIX if index < prompt_blocks else EVICT_TAIL
@@ -222,6 +231,15 @@ class MambaManager(SingleTypeManager):
 
     def first_needed_block(self, num_tokens: int) -> int:
         return (num_tokens - 1) // self.bs if num_tokens else 0
+
+    def idle_until(self, request_id: str, num_tokens: int) -> int:
+        """The end of the state's block, when the table ends there and
+        nothing below it is held (what remove_skipped's early return checks)."""
+        blocks = self.req_blocks.get(request_id, [])
+        cur = self.first_needed_block(num_tokens)
+        if cur == len(blocks) - 1 == self.released_upto.get(request_id, 0) and blocks[cur] is not None:
+            return (cur + 1) * self.bs
+        return num_tokens
 
     def _last_held(self, blocks: list[int | None]) -> int | None:
         return next((i for i in range(len(blocks) - 1, -1, -1) if blocks[i] is not None), None)
