@@ -35,8 +35,11 @@ SWAP_BUDGETS = {"jamba-like": "1GiB"}  # kvswap: where 4 GiB would not preempt
 # 1-5 blocks; long context: 2 or 3 documents at a time), and its extra
 # arguments. A 3.6K-token prompt alone takes over 2 s to prefill on this CPU:
 # long context is judged against a 10 s TTFT.
-SERVE_RUNS = {"chat": ["--budget", "128MiB"],
+SERVE_RUNS = {"chat": ["--budget", "128MiB", "--timeline", "benchmarks/results/cpu_serve_llama3-8b_chat_timeline.png"],
               "long_context": ["--budget", "256MiB", "--ttft-ms", "10000"]}
+# serve --find-max-batch: 2K-token prompts (each takes about a second to
+# prefill here), room for four alone (the default budget), 16 output tokens.
+SERVE_MAX_BATCH = ["--prompt-len", "2048", "--max-batch-output", "16", "--ttft-ms", "10000"]
 
 
 def machine() -> dict:
@@ -154,6 +157,7 @@ def main(parts: list[str]) -> None:
         for trace, extra in SERVE_RUNS.items():
             run(["serve", "--model", "llama3-8b", "--trace", f"benchmarks/workloads/serve/{trace}.json", *extra],
                 f"serve_llama3-8b_{trace}")
+        run(["serve", "--model", "llama3-8b", "--find-max-batch", *SERVE_MAX_BATCH], "serve_llama3-8b_max_batch")
     if "cpu-routing" in parts:
         # The workload on one torch thread: on a small shared machine two
         # OpenMP threads spin against whatever else runs and swamp the difference.
