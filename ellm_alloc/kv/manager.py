@@ -170,9 +170,12 @@ class KVCacheManager:
         self.stats_blocks_moved = 0
         self.requests: dict[str, RequestState] = {}
         self.layer_group = {layer: g for g in self.layout.groups for layer in g.layers}
-        # Per group: its spec, and its layers' bytes per kept token and per request (spec.live_bytes, summed).
-        self._live_bytes_per_group = [(g.spec, g.spec.bytes_per_token() * len(g.layers),
-                                       g.spec.state_bytes() * len(g.layers)) for g in self.layout.groups]
+        # spec.live_bytes summed over layers: per request, the groups' fixed
+        # bytes, plus bytes per kept token for each group that keeps tokens
+        # (a Mamba group keeps none: nothing to ask its spec per request).
+        self._fixed_bytes_per_request = sum(g.spec.state_bytes() * len(g.layers) for g in self.layout.groups)
+        self._bytes_per_kept_token = [(g.spec, g.spec.bytes_per_token() * len(g.layers))
+                                      for g in self.layout.groups if g.spec.bytes_per_token()]
         self._views: dict[int, tuple[torch.Tensor, ...]] = {}
         self.stats_hit_tokens = 0
         self.stats_query_tokens = 0
@@ -624,12 +627,13 @@ class KVCacheManager:
         state; cross: fixed), summed over requests, with a block that several
         requests share (a prefix hit, a fork) counted once."""
         total = 0
-        per_group = self._live_bytes_per_group
+        per_token_groups = self._bytes_per_kept_token
         for st in self.requests.values():
             if st.swap == SWAP_OUT:  # in the host tier: needs no device memory now
                 continue
-            for spec, per_token, fixed in per_group:
-                total += spec.tokens_kept(st.num_tokens) * per_token + fixed
+            total += self._fixed_bytes_per_request
+            for spec, per_token in per_token_groups:
+                total += spec.tokens_kept(st.num_tokens) * per_token
         swapped = {rid for rid, st in self.requests.items() if st.swap == SWAP_OUT}
         for g, bp, m in zip(self.layout.groups, self.pools, self.managers):
             total -= self._extra_resident_holders(bp, m, swapped) * g.small_page_bytes
