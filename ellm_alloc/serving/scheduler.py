@@ -213,9 +213,11 @@ class SLOAwareScheduler(Scheduler):
     def finish_request(self, request_id: str) -> None:
         super().finish_request(request_id)
         if request_id not in self.waiting_requests:  # (a requeued one keeps its place)
-            self._arrival.pop(request_id, None)
-            self._arrived_at.pop(request_id, None)
-            self._first_token_at.pop(request_id, None)
+            self._forget(request_id)
+
+    def _forget(self, request_id: str) -> None:
+        for times in (self._arrival, self._arrived_at, self._first_token_at):
+            times.pop(request_id, None)
 
     def request_is_cancelled(self, request_id: str) -> bool:
         if request_id in self.swapped and request_id not in self._requests_to_cancel:
@@ -228,9 +230,7 @@ class SLOAwareScheduler(Scheduler):
             for state in gone:  # its host chunks go back with its request
                 self.cache.free_blocks(state.request_id)
                 self._requests_to_cancel.discard(state.request_id)
-                self._arrival.pop(state.request_id, None)
-                self._arrived_at.pop(state.request_id, None)
-                self._first_token_at.pop(state.request_id, None)
+                self._forget(state.request_id)
         return gone + super().clear_cancelled_requests()
 
     # -- the step -------------------------------------------------------------------------------
