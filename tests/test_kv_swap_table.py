@@ -423,8 +423,10 @@ def test_shared_blocks_stay_resident_and_the_round_trip_is_bit_exact(model, setu
         assert (sum(map(len, shared)), sum(map(len, want))) == (n_shared, n_swapped)
         before = {g: set(b) for g, b in enumerate(group_blocks(mgr, victim))}
 
+        assert mgr.swap_out_bytes(victim) == n_swapped * C  # what the swap will move, asked first
         assert mgr.swap_out(victim) == n_swapped * C
         assert mgr.is_swapped_out(victim) and not mgr.is_swapped_out(other)
+        assert mgr.swap_out_bytes(victim) == 0
         assert not mgr.can_allocate(victim, 1)
         mgr.wait_swap(victim)
         assert mgr.swap_ready(victim)

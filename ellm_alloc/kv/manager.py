@@ -475,10 +475,7 @@ class KVCacheManager:
         self._require_resident(st, "swap out", stream)  # a swap-in under way lands first
         self._release_read_blocks(request_id, stream)
         self.sync()
-        plan = []
-        for m in self.managers:
-            mine = [b for b in m.req_blocks.get(request_id, []) if b is not None and m.pool.ref[b] == 1]
-            plan.append((m.pool, m.pool.swappable_chunks(mine), mine))
+        plan = self._swap_plan(request_id)
         total = sum(len(chunks) for _, chunks, _ in plan)
         room = self._host_room()
         for bp in sorted(self.pools, key=lambda p: p.demoted_chunks(), reverse=True):
@@ -502,6 +499,23 @@ class KVCacheManager:
         st.swap_chunks = [chunks for _, chunks, _ in plan]
         self.stats_swap_outs += 1
         return total * self.layout.chunk_bytes
+
+    def _swap_plan(self, request_id: str) -> list[tuple[GroupBlockPool, list[int], list[int]]]:
+        """Per group: its pool, the chunks a swap-out moves and the blocks
+        they hold (the request's own blocks, on chunks no other block uses)."""
+        plan = []
+        for m in self.managers:
+            mine = [b for b in m.req_blocks.get(request_id, []) if b is not None and m.pool.ref[b] == 1]
+            plan.append((m.pool, m.pool.swappable_chunks(mine), mine))
+        return plan
+
+    def swap_out_bytes(self, request_id: str) -> int:
+        """The bytes swap_out() would move now, which are the device bytes it
+        would free (0 for a request unknown or swapped out)."""
+        st = self.requests.get(request_id)
+        if st is None or st.swap == SWAP_OUT:
+            return 0
+        return sum(len(chunks) for _, chunks, _ in self._swap_plan(request_id)) * self.layout.chunk_bytes
 
     def _host_room(self) -> int:
         """Chunks the host tier can still take."""

@@ -418,18 +418,6 @@ class ElasticPagedAttentionCache(PagedAttentionCache):
                     needed[i] += m.end_block(total_tokens) - m.first_needed_block(total_tokens)
         return self._chunks_short(needed)
 
-    def swap_out_bytes(self, request_id: str) -> int:
-        """Bytes swap_out would move now, which are the device bytes it frees:
-        the chunks only this request's blocks use (a chunk shared with another
-        request's blocks stays resident, as the manager's swap_out does)."""
-        if request_id not in self.kv.requests:
-            return 0
-        chunks = 0
-        for m in self.kv.managers:
-            mine = [b for b in m.req_blocks.get(request_id, []) if b is not None and m.pool.ref[b] == 1]
-            chunks += len(m.pool.swappable_chunks(mine))
-        return chunks * self.kv.layout.chunk_bytes
-
     # -- swap to the pool's host tier (the SLO-aware scheduler's preemption) ----------------
 
     def swap_out(self, request_id: str) -> int:

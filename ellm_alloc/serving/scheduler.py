@@ -298,12 +298,12 @@ class SLOAwareScheduler(Scheduler):
         bank on top; one that is behind gets a shorter step, as long as a
         decode step fits (request i, first token at t_i, r_i of its n_i
         tokens to go, spares aim x (n_i - 1) - (now - t_i) - (r_i - 1) x
-        step for this step). A decode step
-        is costed as one carrying every request running or waiting now (they
-        may all decode together later). Requests whose first token was not
-        seen, or without a token limit, or whose target is out of reach
-        anyway, bank nothing and hold nothing back; with none left, a step
-        of tpot_ms. None before any step was timed."""
+        step for this step). A decode step is costed as one carrying every
+        request running or waiting now (they may all decode together later).
+        Requests whose first token was not seen, or without a token limit, or
+        whose target is out of reach anyway, bank nothing and hold nothing
+        back; with none left, a step of tpot_ms. None before any step was
+        timed."""
         decode_step = self.cost.predict(len(self.active_requests) + len(self.waiting_requests))
         if decode_step is None:
             return None
@@ -405,7 +405,7 @@ class SLOAwareScheduler(Scheduler):
         rid = state.request_id
         # A swap must free device chunks (chunks shared with other requests'
         # blocks stay), and only a decoding request resumes where it was.
-        nbytes = self.cache.swap_out_bytes(rid)
+        nbytes = self.cache.kv.swap_out_bytes(rid)
         swappable = (state.status == RequestStatus.DECODING and nbytes > 0 and self.cache.ellm_pool.cpu_budget() > 0
                      and self._swap_is_cheaper(state, nbytes))
         if swappable:
@@ -428,21 +428,15 @@ class SLOAwareScheduler(Scheduler):
         self.decisions["recomputed_tokens"] += state.current_len()
         self.cache.free_blocks(rid)
         del self.active_requests[rid]
-        fresh = state.create_equivalent_initial_request() if state.generated_tokens else state
-        if fresh is not state:
-            state._status = RequestStatus.FINISHED
-        else:
-            fresh.remaining_prefill_tokens = fresh.initial_tokens[:]
-            fresh.position_offset = 0
-            fresh.allocated_blocks = 0
-            fresh._status = RequestStatus.PENDING
+        fresh = state.create_equivalent_initial_request()
+        state._status = RequestStatus.FINISHED
         self.waiting_requests[rid] = fresh
         self.waiting_requests_order.appendleft(rid)
 
     def _swap_back_in(self) -> None:
         """Swapped requests return by arrival while they fit with a margin of
         a chunk per decoding request (none when nothing else runs)."""
-        for rid in sorted(self.swapped, key=lambda r: self._arrival.get(r, -1)):
+        for rid in sorted(self.swapped, key=lambda r: self._arrival_of(self.swapped[r])):
             running = sum(1 for s in self.active_requests.values() if s.status == RequestStatus.DECODING)
             if not self.cache.kv.can_swap_in(rid, margin_chunks=running + 1 if self.active_requests else 0):
                 if self.active_requests:
