@@ -48,10 +48,23 @@ class Driver:
                     assert keys[i].eq(want).all() and vals[i].eq(-want).all(), (rid, layer, pos)
 
 
+def packed(mgr: KVCacheManager) -> KVCacheManager:
+    """Packed placement (what groups whose chunk holds many blocks get): a
+    request's blocks go to any page's free slots, so finishing requests leave
+    other requests' blocks in sparse pages."""
+    for bp in mgr.pools:
+        bp.reserve_own_pages = False
+    return mgr
+
+
+@pytest.mark.parametrize("placement", ["packed", "own pages"])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_random_traffic_with_compaction_keeps_data_and_returns_pages(seed):
+def test_random_traffic_with_compaction_keeps_data_and_returns_pages(seed, placement):
     pool = Pool("cpu", budget="512MiB")
     mgr = KVCacheManager(MODEL, pool, block_size=BS, enable_prefix_caching=False)
+    assert all(bp.reserve_own_pages for bp in mgr.pools)  # blocks of 512 and 256 KiB: own pages
+    if placement == "packed":
+        packed(mgr)
     d = Driver(mgr)
     rng = random.Random(seed)
     for step in range(160):
@@ -75,7 +88,10 @@ def test_random_traffic_with_compaction_keeps_data_and_returns_pages(seed):
             del d.lens[rid]
         mgr.check()
         d.verify()
-    assert mgr.stats_blocks_moved > 0, "the traffic never triggered compaction: the test lost its point"
+    if placement == "packed":
+        assert mgr.stats_blocks_moved > 0, "the traffic never triggered compaction: the test lost its point"
+    else:  # a finishing request's pages empty whole (the pool is never short here): nothing to move
+        assert mgr.stats_blocks_moved == 0
     for rid in list(d.lens):
         mgr.free(rid)
     assert mgr.mapped_bytes() == 0
@@ -86,7 +102,7 @@ def test_random_traffic_with_compaction_keeps_data_and_returns_pages(seed):
 
 def test_compaction_empties_the_sparse_page_and_keeps_prefix_hits():
     pool = Pool("cpu", budget="256MiB")
-    mgr = KVCacheManager(MODEL, pool, block_size=BS, max_cached_fraction=1.0)
+    mgr = packed(KVCacheManager(MODEL, pool, block_size=BS, max_cached_fraction=1.0))
     prompts = {f"r{i}": [i * 1000 + t for t in range(2 * BS)] for i in range(4)}
     for rid, toks in prompts.items():  # 2 full blocks each: r0, r1 share page 0 of group 0, r2, r3 page 1
         mgr.add_request(rid, toks)

@@ -29,9 +29,16 @@ BS = 16
 MODEL = ModelKVSpec("straddle", (FullAttentionSpec(20, 1024, "float32"),))
 
 
-def manager(pool, **kw) -> KVCacheManager:
+def manager(pool, packed: bool = True, **kw) -> KVCacheManager:
+    """Packed placement by default (what a group whose chunk holds many
+    blocks gets): one-block requests fill the slots of one page, neighbours
+    sharing chunks. packed=False: these blocks' own placement, each request
+    in pages of its own."""
     kw.setdefault("max_cached_fraction", float("inf"))
-    return KVCacheManager(MODEL, pool, block_size=BS, **kw)
+    mgr = KVCacheManager(MODEL, pool, block_size=BS, **kw)
+    assert mgr.pools[0].reserve_own_pages
+    mgr.pools[0].reserve_own_pages = not packed
+    return mgr
 
 
 def owner_chunks(pool, mgr) -> int:
@@ -202,15 +209,16 @@ def test_reclaimed_page_protocol(make_pool):
     space.close()
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(budget_chunks=st.integers(3, 14),
        sizes=st.lists(st.integers(1, 80), min_size=1, max_size=12),
-       frees=st.lists(st.integers(0, 11), max_size=6))
-def test_can_allocate_never_promises_what_allocate_refuses(budget_chunks, sizes, frees):
+       frees=st.lists(st.integers(0, 11), max_size=6),
+       packed=st.booleans())
+def test_can_allocate_never_promises_what_allocate_refuses(budget_chunks, sizes, frees, packed):
     from ellm_alloc import Pool
 
     pool = Pool("cpu", budget=budget_chunks * CHUNK)
-    mgr = manager(pool, capacity_bytes=20 * CHUNK)
+    mgr = manager(pool, packed=packed, capacity_bytes=20 * CHUNK)
     try:
         live = []
         for i, n in enumerate(sizes):

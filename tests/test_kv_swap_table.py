@@ -111,6 +111,11 @@ def make(model: str, device="64MiB", host="64MiB"):
     pool = Pool("cpu", budget=device, cpu_budget=host)
     mgr = KVCacheManager(ModelKVSpec(model, tuple(SPECS[k] for k in kinds)), pool, block_size=BS,
                          max_cached_fraction=float("inf"), state_checkpoint_tokens=BS)
+    for bp in mgr.pools:
+        # Packed placement (what a group whose chunk holds many blocks gets):
+        # two requests' blocks share pages and chunks, which is what the
+        # rows below are about.
+        bp.reserve_own_pages = False
     return pool, mgr, Book(mgr)
 
 
