@@ -62,9 +62,8 @@ def packed(mgr: KVCacheManager) -> KVCacheManager:
 def test_random_traffic_with_compaction_keeps_data_and_returns_pages(seed, placement):
     pool = Pool("cpu", budget="512MiB")
     mgr = KVCacheManager(MODEL, pool, block_size=BS, enable_prefix_caching=False)
-    assert all(bp.reserve_own_pages for bp in mgr.pools)  # blocks of 512 and 256 KiB: own pages
-    if placement == "packed":
-        packed(mgr)
+    for bp in mgr.pools:  # every group one way (left alone, the 48-token window would pack)
+        bp.reserve_own_pages = placement == "own pages"
     d = Driver(mgr)
     rng = random.Random(seed)
     for step in range(160):

@@ -1,7 +1,8 @@
 """Where a request's blocks go (GroupBlockPool placement).
 
-A group whose requests grow block by block (full, sliding, chunked, MLA) and
-whose chunk holds few blocks gives each request pages of its own: other
+A group whose requests grow block by block (full, sliding, chunked, MLA),
+whose chunk holds few blocks and whose window keeps several chunks' worth
+gives each request pages of its own: other
 requests' blocks never land in them while the pool has chunks, so a finishing
 request's pages empty whole and nothing is copied to give its memory back.
 Other groups pack: a request's block goes to the fullest page with a free
@@ -29,8 +30,11 @@ PLACEMENT_ROWS = [
     (STRADDLE, 1, True),
     (FullAttentionSpec(8, 128, F32), 16, True),  # 128 KiB blocks: the most a chunk may hold for own pages
     (FullAttentionSpec(4, 128, F32), 32, False),  # 64 KiB: a request's tail chunk would hold 31 others' worth
-    (SlidingWindowSpec(8, 128, F32, window=64), 16, True),
-    (ChunkedLocalSpec(8, 128, F32, chunk_size=64), 16, True),
+    # A window keeps at most window / 16 + 1 blocks: own pages from four chunks' worth.
+    (SlidingWindowSpec(8, 128, F32, window=1024), 16, True),  # 65 blocks
+    (SlidingWindowSpec(8, 128, F32, window=992), 16, False),  # 63: a tail chunk is too much of it
+    (ChunkedLocalSpec(8, 128, F32, chunk_size=1024), 16, True),
+    (ChunkedLocalSpec(8, 128, F32, chunk_size=64), 16, False),
     (MLASpec(dtype=F32, kv_lora_rank=1984, rope_dim=64), 16, True),
     (MambaSpec(dtype=F32, conv_shape=(64, 1024), ssm_shape=(448, 1024)), 1, False),  # one block a request
     (CrossAttentionSpec(8, 128, F32, max_tokens=64), 16, False),  # all its blocks at admission
