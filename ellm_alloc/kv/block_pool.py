@@ -307,9 +307,9 @@ class GroupBlockPool:
         try:
             return self._allocate_n(request_id, n, self._place)
         except NoFreeBlocks:
-            most = n * max(len(r) for r in self.slot_chunks)  # the chunks placement could have wanted
-            if self.space.pool.available_chunks(self.space.owner) >= most:
-                raise  # not for want of chunks (a failed map): nothing to place differently
+            room = self.space.pool.available_chunks(self.space.owner)
+            if room >= n * max(len(r) for r in self.slot_chunks) or self.chunks_needed(n) > room:
+                raise  # not for want of chunks (a failed map), or no placement fits either
         # Short of chunks: placement may have spent them where other free
         # slots needed fewer. Place as chunks_needed() counts, which
         # can_allocate() promised.
