@@ -21,21 +21,23 @@ opened for it last while it has a free slot. Beyond that, two policies:
 
 * Own pages, in groups whose requests grow block by block (full, sliding,
   chunked, MLA), whose chunk holds at most MAX_RESERVED_BLOCKS_PER_CHUNK
-  blocks and whose window keeps MIN_CHUNKS_KEPT chunks' worth: an orphan page (a free slot, and none of the requests it was
-  opened for still running), which the request adopts, else a fresh page.
-  Other running requests' free slots are left to their growth. A finishing
+  blocks and whose window keeps MIN_CHUNKS_KEPT chunks' worth of them: an
+  orphan page (a free slot, and none of the requests it was opened for
+  still running), which the request adopts, else a fresh page. Other
+  running requests' free slots are left to their growth. A finishing
   request's pages then empty whole and nothing is copied to give its memory
   back; the price is each running request's last chunk, partly used (at
   most a chunk). Measured on `bench kv` chat: Qwen3-Next-like's attention
-  blocks spread over other requests' pages needed 1,466 block copies
-  (a quarter of its run) to reach utilisation 0.931; in pages of their own
-  0.940 with none.
+  blocks spread over other requests' pages needed 1,466 block copies (a
+  quarter of its run) to reach utilisation 0.931; in pages of their own,
+  0.942 with none.
 * Packed, elsewhere (a Mamba state is one block per request, cross-attention
   takes all its blocks at admission, and one request's tail chunk of tiny
-  blocks or of a short window would hold more than the request): the fullest page with a free
-  slot, else a fresh page. Free slots come first because a fresh page is not
-  free: it is memory the torch arena could use; the fullest first so that
-  sparse pages are left to empty as their requests finish.
+  blocks or of a short window would hold more than the request): the
+  fullest page with a free slot, else a fresh page. Free slots come first
+  because a fresh page is not free: it is memory the torch arena could use;
+  the fullest first so that sparse pages are left to empty as their
+  requests finish.
 
 When the pool is short: a free slot over mapped chunks, or the slot of an
 evicted cached block; and if placement still fails for want of chunks, the
