@@ -117,6 +117,9 @@ def test_compaction_empties_the_sparse_page_and_keeps_prefix_hits():
     del mgr.requests["r2"], d.lens["r2"]
     moved = mgr.compact()
     assert moved > 0
+    u = mgr.usage()
+    assert sum(g["blocks_moved"] for g in u["groups"]) == moved == u["blocks_moved_by_compaction"]
+    assert u["bytes_moved_by_compaction"] == sum(g["blocks_moved"] * g["small_page_bytes"] for g in u["groups"]) > 0
     assert mgr.usage()["groups"][0]["mapped_pages"] < before
     mgr.check()
     d.verify()

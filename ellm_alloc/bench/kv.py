@@ -327,9 +327,11 @@ def run_one(model, items: list[WorkItem], budget: int, mode: str, block_size: in
         "steps": step,
         "large_page_bytes_per_group": [g["large_page_bytes"] for g in usage["groups"]],
         "padding_bytes_per_group": [g["padding_bytes"] for g in usage["groups"]],
-        # The costs of keeping recurrent states: bytes copied at checkpoints,
-        # and every chunk map / unmap of the run (all groups).
+        # The costs of keeping recurrent states and packing pages: bytes
+        # copied at checkpoints, bytes compaction copied, and every chunk
+        # map / unmap of the run (all groups).
         "state_bytes_copied": usage["state_bytes_copied"],
+        "compaction_bytes_copied": usage["bytes_moved_by_compaction"],
         "out_of_place_updates": usage["out_of_place_updates"],
         "maps": usage["maps"],
         "unmaps": usage["unmaps"],
@@ -383,7 +385,7 @@ def print_report(r: dict) -> None:
           f"budget {r['budget_bytes'] / 2**30:.1f} GiB ({r.get('budget_source', 'given')}), "
           f"block {r['block_size']} tokens, state update {r['state_update'].replace('_', '-')}")
     print(f"  {'allocator':>9} {'util avg':>9} {'util@peak':>9} {'peak reqs':>9} {'hit rate':>8} "
-          f"{'preempt':>7} {'recomputed':>10} {'swapped':>9} {'steps':>6} {'copied':>9} {'maps':>8} "
+          f"{'preempt':>7} {'recomputed':>10} {'swapped':>9} {'steps':>6} {'copied':>9} {'compacted':>9} {'maps':>8} "
           f"{'unmaps':>8} {'wall s':>7}")
     for x in r["results"]:
         if "error" in x:
@@ -392,5 +394,6 @@ def print_report(r: dict) -> None:
         print(f"  {x['allocator']:>9} {x['utilisation_time_avg']:9.3f} {x['utilisation_at_peak']:9.3f} "
               f"{x['peak_concurrent_requests']:9d} {x['prefix_hit_rate']:8.3f} {x['preemptions']:7d} "
               f"{x['recomputed_tokens']:10d} {human(x['swapped_out_bytes']):>9} "
-              f"{x['steps']:6d} {human(x['state_bytes_copied']):>9} {x['maps']:8d} {x['unmaps']:8d} "
+              f"{x['steps']:6d} {human(x['state_bytes_copied']):>9} {human(x['compaction_bytes_copied']):>9} "
+              f"{x['maps']:8d} {x['unmaps']:8d} "
               f"{x['wall_s']:7.1f}")

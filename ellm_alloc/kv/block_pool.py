@@ -178,6 +178,7 @@ class GroupBlockPool:
         self.blocked: dict[int, set[int]] = {}  # page -> free slots over a swapped chunk
         self.swap_hashes: dict[int, int] = {}  # swapped block -> the hash it gives up meanwhile
         self.evictions = 0
+        self.blocks_moved = 0  # by compaction (move_block)
         # Demoted units (see the module docstring): id -> (chunks, [(block, its
         # eviction priority)]), least recently demoted first.
         self.demote_enabled = False  # set by the manager (prefix caching on)
@@ -575,6 +576,7 @@ class GroupBlockPool:
         (nothing moved) when dst's chunks cannot be mapped."""
         dst = self._take_slot(dst_page)
         copy(src, dst)
+        self.blocks_moved += 1
         self.ref[dst] = self.ref[src]
         if src in self.shared:
             self.shared.discard(src)

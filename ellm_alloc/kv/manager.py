@@ -701,6 +701,7 @@ class KVCacheManager:
                 "cached_blocks": bp.num_evictable(),
                 "free_slots": bp.num_free_slots(),
                 "evictions": bp.evictions,
+                "blocks_moved": bp.blocks_moved,
                 # Cumulative: a step's maps are the difference of two usage() calls.
                 "maps": space.stats()["maps"],
                 "unmaps": space.stats()["unmaps"],
@@ -720,6 +721,7 @@ class KVCacheManager:
             "requests": len(self.requests),
             "prefix_hit_rate": self.stats_hit_tokens / self.stats_query_tokens if self.stats_query_tokens else 0.0,
             "blocks_moved_by_compaction": self.stats_blocks_moved,
+            "bytes_moved_by_compaction": sum(g["blocks_moved"] * g["small_page_bytes"] for g in groups),
             "maps": sum(g["maps"] for g in groups),
             "unmaps": sum(g["unmaps"] for g in groups),
             "state_update": self.state_update,
