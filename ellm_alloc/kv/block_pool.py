@@ -30,7 +30,7 @@ opened for it last while it has a free slot. Beyond that, two policies:
   most a chunk). Measured on `bench kv` chat: Qwen3-Next-like's attention
   blocks spread over other requests' pages needed 1,466 block copies (a
   quarter of its run) to reach utilisation 0.931; in pages of their own,
-  0.942 with none.
+  0.942 with 9.
 * Packed, elsewhere (a Mamba state is one block per request, cross-attention
   takes all its blocks at admission, and one request's tail chunk of tiny
   blocks or of a short window would hold more than the request): the
