@@ -451,10 +451,7 @@ class GroupBlockPool:
         free = self.page_free[page]
         if self.chunks_per_page == 1:
             return free[-1]
-        base = page * self.chunks_per_page
-        mapped = self.chunk_mapped[base:base + self.chunks_per_page]  # one slice, then counts in C
-        spans = self.slot_chunks
-        return min(free, key=lambda s: (mapped[spans[s].start:spans[s].stop].count(0), s))
+        return min(free, key=lambda s: (self._slot_cost(page, s), s))
 
     def _take_slot(self, page: int, slot: int | None = None) -> int:
         """Makes a free slot of `page` a live block. On OutOfMemoryError or
@@ -979,7 +976,7 @@ class GroupBlockPool:
         if self.chunks_per_page == 1:  # an open page's one chunk is mapped: its free slots cost nothing
             n -= self.num_free_slots()
             return -(-n // self.ratio) if n > 0 else 0
-        costs = sorted((len(self._chunks_to_map(p, s)), p, s) for p, free in self.page_free.items() for s in free)
+        costs = sorted((self._slot_cost(p, s), p, s) for p, free in self.page_free.items() for s in free)
         chunks: set[int] = set()
         for _, p, s in costs[:n]:
             chunks.update(self._chunks_to_map(p, s))
